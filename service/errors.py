@@ -1,0 +1,53 @@
+"""Domain exceptions shared by the training package, the store and the service.
+
+Each carries an optional ``field`` so that the API layer can report which input was bad.
+"""
+
+from __future__ import annotations
+
+
+class HashAuditError(Exception):
+    """Base class for all errors this package raises on purpose."""
+
+    code = "hashaudit_error"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class DataNotFound(HashAuditError):
+    """A data set file or folder is missing; the message says how to get it."""
+
+    code = "data_not_found"
+
+
+class CorruptData(HashAuditError):
+    """A data file exists but cannot be parsed (bad magic, truncated, bad label line)."""
+
+    code = "corrupt_data"
+
+
+class UnknownName(HashAuditError):
+    """A registry lookup failed; the message lists the known names."""
+
+    code = "unknown_name"
+
+
+class BundleError(HashAuditError):
+    """A model bundle is missing, incomplete, tampered with or of another version."""
+
+    code = "bundle_error"
+
+
+class ChecksumMismatch(BundleError):
+    """A bundle file's sha256 differs from the one its manifest records."""
+
+    code = "checksum_mismatch"
+
+
+class ConfigError(HashAuditError):
+    """A training or service configuration value is invalid."""
+
+    code = "config_error"
