@@ -1,0 +1,106 @@
+"""The ``hashaudit`` command.
+
+    hashaudit train hasher|bundle ...   train into a frozen bundle (service.training)
+    hashaudit eval BUNDLE               recompute a bundle's clean figures from its files
+    hashaudit bundles                   list the bundles in the model store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from service.config import get_settings
+from service.errors import HashAuditError
+
+SCALARS = ("map_all", "map_1000", "p_r2")
+
+
+def _open_bundle(ref: str, store: Path | None, device: str):
+    from service.store import ModelStore, load_bundle
+
+    p = Path(ref)
+    if p.is_dir() and (p / "manifest.json").is_file():
+        return load_bundle(p, device)
+    return ModelStore(store or get_settings().model_store, device).get(ref)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from service.device import resolve_device
+    from service.evaluation import evaluate_bundle
+
+    p = argparse.ArgumentParser(prog="hashaudit eval",
+                                description="Recompute a bundle's clean retrieval figures.")
+    p.add_argument("bundle", help="bundle name in the store, or a bundle folder")
+    p.add_argument("--store", type=Path, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="allowed |recomputed - recorded| (default 0: exact)")
+    args = p.parse_args(argv)
+    device = str(resolve_device(args.device or get_settings().device))
+    bundle = _open_bundle(args.bundle, args.store, device)
+    res = evaluate_bundle(bundle, device=device)
+    fig, rec = res["figures"], res["recorded"]
+    print(f"bundle {bundle.name} v{bundle.manifest.version} sha {bundle.sha[:12]}  "
+          f"({fig['num_queries']} queries, {fig['num_database']} database, {fig['bits']} bits)")
+    print(f"{'figure':<10} {'recorded':>10} {'recomputed':>11} {'diff':>10}")
+    ok = True
+    for k in SCALARS:
+        r = rec.get(k)
+        diff = None if r is None else fig[k] - r
+        ok = ok and diff is not None and abs(diff) <= args.tolerance
+        rs = "-" if r is None else f"{r:.6f}"
+        ds = "-" if diff is None else f"{diff:+.1e}"
+        print(f"{k:<10} {rs:>10} {fig[k]:>11.6f} {ds:>10}")
+    if res["gallery_codes_match"] is not None:
+        same = "identical" if res["gallery_codes_match"] else "DIFFER"
+        print(f"gallery codes re-encoded: {same}")
+        ok = ok and res["gallery_codes_match"]
+    if args.json:
+        args.json.write_text(json.dumps({**res, "bundle": bundle.name, "sha": bundle.sha,
+                                         "reproduced": ok}, indent=2))
+    print("reproduced" if ok else "NOT reproduced")
+    return 0 if ok else 1
+
+
+def cmd_bundles(argv: list[str]) -> int:
+    from service.store import ModelStore
+
+    p = argparse.ArgumentParser(prog="hashaudit bundles")
+    p.add_argument("--store", type=Path, default=None)
+    args = p.parse_args(argv)
+    store = ModelStore(args.store or get_settings().model_store)
+    for name in store.names():
+        print(name)
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from service.training.cli import main as train_main
+
+    return train_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except HashAuditError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

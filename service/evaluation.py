@@ -1,0 +1,116 @@
+"""Clean retrieval figures of a hasher under the recorded protocol.
+
+Shared by ``hashaudit eval``, bundle building and (later) audits, so every figure in the
+project comes from one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.retrieval.metrics import (
+    map_at_k,
+    pr_curve_by_radius,
+    precision_at_n_curve,
+    precision_within_radius,
+    relevance,
+)
+from service.retrieval.ranking import hamming_distance_pm1
+
+TOP_N = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def protocol_record(top_ks: Sequence[int | None] = (None, 1000)) -> dict[str, Any]:
+    """The evaluation protocol, written next to every figure."""
+    return {
+        "relevance": "query and database item share at least one label",
+        "ranking": "Hamming distance, ties broken by database order (stable sort)",
+        "map_top_k": ["all" if k is None else k for k in top_ks],
+        "map_normalisation": "AP averages precision at each relevant item within the top K "
+                             "(DeepHash CalcTopMap); a query with none in the top K scores 0",
+        "p_r2": "precision of items within Hamming radius 2; a query retrieving none scores 0",
+        "top_n": list(TOP_N),
+    }
+
+
+def retrieval_figures(
+    query_codes: np.ndarray,
+    query_labels: np.ndarray,
+    db_codes: np.ndarray,
+    db_labels: np.ndarray,
+    curves: bool = True,
+) -> dict[str, Any]:
+    """mAP@all, mAP@1000, P@r<=2 and (optionally) top-N and PR curves.
+
+    Args:
+        query_codes: (Q, K) codes in {-1, +1}.
+        query_labels: (Q, C) multi-hot.
+        db_codes: (N, K) codes in {-1, +1}.
+        db_labels: (N, C) multi-hot.
+        curves: also return the precision@N curve and the PR curve over Hamming radius.
+    """
+    bits = int(query_codes.shape[1])
+    out: dict[str, Any] = {
+        "map_all": map_at_k(query_codes, db_codes, query_labels, db_labels, None),
+        "map_1000": map_at_k(query_codes, db_codes, query_labels, db_labels, 1000),
+    }
+    dist = hamming_distance_pm1(query_codes, db_codes)
+    rel = relevance(query_labels, db_labels)
+    out["p_r2"] = float(precision_within_radius(dist, rel, 2))
+    if curves:
+        ns = [n for n in TOP_N if n <= dist.shape[1]]
+        out["top_n"] = {"n": ns, "precision": precision_at_n_curve(dist, rel, ns).tolist()}
+        pr = pr_curve_by_radius(dist, rel, bits)
+        out["pr_curve"] = {k: v.tolist() for k, v in pr.items()}
+    out["num_queries"] = int(query_codes.shape[0])
+    out["num_database"] = int(db_codes.shape[0])
+    out["bits"] = bits
+    return out
+
+
+def evaluate_bundle(
+    bundle: Any, device: str = "cpu", recode_database: bool = True
+) -> dict[str, Any]:
+    """Recompute a bundle's clean figures from its frozen files alone.
+
+    Query codes come from the bundle's stored query images through its hasher; database codes
+    are the frozen gallery codes. When the gallery thumbnails are full-size model inputs, the
+    database is re-encoded as well and compared bit for bit with the stored codes.
+
+    Returns:
+        ``{"figures": ..., "recorded": ..., "gallery_codes_match": bool | None}``.
+    """
+    import torch
+
+    from service.retrieval.codes import pack_bits
+
+    m = bundle.manifest
+    hasher = bundle.hasher.to(device)
+    bits = m.bits
+    with torch.no_grad():
+        q_codes = _encode(hasher, bundle.queries.images, device)
+    db_codes = bundle.gallery.codes(bits)
+    figures = retrieval_figures(q_codes, bundle.queries.labels, db_codes, bundle.gallery.labels)
+    match = None
+    inp = m.input
+    if recode_database and bundle.gallery.thumbnails.shape[1:] == (
+        inp["channels"], inp["height"], inp["width"]
+    ):
+        with torch.no_grad():
+            recoded = _encode(hasher, bundle.gallery.thumbnails, device)
+        match = bool(np.array_equal(pack_bits(recoded), bundle.gallery.codes_packed))
+    return {"figures": figures, "recorded": m.evaluation.get("figures", {}),
+            "gallery_codes_match": match}
+
+
+def _encode(hasher: Any, images: np.ndarray, device: str, batch_size: int = 512) -> np.ndarray:
+    import torch
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).float().div_(255.0)
+        out.append(hasher.codes(x).to(torch.int8).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, hasher.bits), np.int8)

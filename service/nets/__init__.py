@@ -1,0 +1,10 @@
+"""Torch modules only (no I/O): backbones, hashers and, later, attack networks.
+
+Importing this package registers every network in :data:`NETS`.
+"""
+
+from service.nets import backbones as _backbones  # noqa: F401  (registers backbones)
+from service.nets.hasher import Hasher, build_hasher
+from service.nets.registry import NETS, create_net
+
+__all__ = ["NETS", "create_net", "Hasher", "build_hasher"]

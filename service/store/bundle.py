@@ -1,0 +1,245 @@
+"""Saving and loading frozen bundles.
+
+Layout of ``model_store/<name>/``::
+
+    manifest.json        the Manifest (its ``files`` list names every payload file)
+    hasher.safetensors   hasher weights (architecture rebuilt from the manifest)
+    gallery.safetensors  codes (packed bits), labels (multi-hot), ids, thumbnails (uint8)
+    queries.safetensors  the protocol's query images (uint8), labels and ids, so figures and
+                         audits can be recomputed from the bundle alone
+    splits.safetensors   query / database / train indices of the recorded protocol
+    SHA256SUMS           ``sha256sum -c`` format, covering every file above
+
+Loading verifies SHA256SUMS first, then rebuilds the architecture from the manifest and
+loads weights with ``strict=True``; any mismatch raises a BundleError that names the file.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from service.errors import BundleError, ChecksumMismatch
+from service.nets import Hasher, build_hasher
+from service.retrieval.codes import pack_bits, unpack_bits
+from service.store.manifest import Manifest
+
+SUMS = "SHA256SUMS"
+MANIFEST = "manifest.json"
+HASHER_FILE = "hasher.safetensors"
+GALLERY_FILE = "gallery.safetensors"
+SPLITS_FILE = "splits.safetensors"
+QUERIES_FILE = "queries.safetensors"
+
+
+@dataclass
+class Gallery:
+    """The searchable database of a bundle."""
+
+    codes_packed: np.ndarray  # (N, ceil(K/8)) uint8
+    labels: np.ndarray  # (N, C) uint8 multi-hot
+    ids: np.ndarray  # (N,) int64, position in the source split
+    thumbnails: np.ndarray  # (N, C, H, W) uint8
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def codes(self, bits: int) -> np.ndarray:
+        """Codes as (N, bits) int8 in {-1, +1}."""
+        return unpack_bits(self.codes_packed, bits)
+
+    @classmethod
+    def from_codes(
+        cls, codes: np.ndarray, labels: np.ndarray, ids: np.ndarray, thumbnails: np.ndarray
+    ) -> Gallery:
+        return cls(pack_bits(codes), labels.astype(np.uint8), ids.astype(np.int64),
+                   thumbnails.astype(np.uint8))
+
+
+@dataclass
+class QuerySet:
+    """The protocol's query images, kept in the bundle."""
+
+    images: np.ndarray  # (Q, C, H, W) uint8
+    labels: np.ndarray  # (Q, C) uint8 multi-hot
+    ids: np.ndarray  # (Q,) int64, position in the source test split
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: manifest, hasher (eval mode), gallery and protocol splits."""
+
+    path: Path
+    manifest: Manifest
+    hasher: Hasher
+    gallery: Gallery
+    queries: QuerySet
+    splits: dict[str, np.ndarray]
+    sha: str  # sha256 of SHA256SUMS: identifies the exact bundle contents
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _np(t: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(t))
+
+
+def write_payload(folder: Path, filename: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one safetensors payload file into a bundle folder (call finalize afterwards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_tensors(folder / filename, tensors)
+
+
+def finalize(folder: Path, manifest: Manifest, payload: list[str]) -> Manifest:
+    """Record sha256 and size of ``payload`` files in the manifest; write it and SHA256SUMS."""
+    files = [
+        {"path": p, "sha256": sha256_file(folder / p), "bytes": (folder / p).stat().st_size}
+        for p in sorted(payload)
+    ]
+    manifest = manifest.replace(files=files)
+    (folder / MANIFEST).write_text(manifest.to_json())
+    lines = [f"{sha256_file(folder / p)}  {p}" for p in sorted([*payload, MANIFEST])]
+    (folder / SUMS).write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def save_bundle(
+    folder: Path,
+    manifest: Manifest,
+    hasher: Hasher,
+    gallery: Gallery,
+    queries: QuerySet,
+    splits: dict[str, np.ndarray],
+) -> Manifest:
+    """Write a complete bundle; returns the manifest with its file list filled in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_payload(folder, HASHER_FILE, dict(hasher.state_dict()))
+    write_payload(folder, GALLERY_FILE, {
+        "codes_packed": _np(gallery.codes_packed), "labels": _np(gallery.labels),
+        "ids": _np(gallery.ids), "thumbnails": _np(gallery.thumbnails),
+    })
+    write_payload(folder, QUERIES_FILE, {
+        "images": _np(queries.images), "labels": _np(queries.labels), "ids": _np(queries.ids),
+    })
+    write_payload(folder, SPLITS_FILE, {k: _np(v.astype(np.int64)) for k, v in splits.items()})
+    return finalize(folder, manifest, [HASHER_FILE, GALLERY_FILE, QUERIES_FILE, SPLITS_FILE])
+
+
+def verify_bundle(folder: Path) -> dict[str, str]:
+    """Check SHA256SUMS against the files; returns {path: sha}. Raises on any mismatch."""
+    sums = folder / SUMS
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder {folder} does not exist")
+    if not sums.is_file():
+        raise BundleError(f"{folder} has no {SUMS}; it is not a complete bundle")
+    recorded: dict[str, str] = {}
+    for n, line in enumerate(sums.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise BundleError(f"{sums} line {n} is malformed")
+        name = parts[1].lstrip("*")
+        if "/" in name or name.startswith("."):
+            raise BundleError(f"{sums} line {n} names a path outside the bundle: {name!r}")
+        recorded[name] = parts[0]
+    for name, sha in recorded.items():
+        p = folder / name
+        if not p.is_file():
+            raise BundleError(f"{folder.name}: {name} is listed in {SUMS} but missing")
+        actual = sha256_file(p)
+        if actual != sha:
+            raise ChecksumMismatch(
+                f"{folder.name}: checksum mismatch for {name} (expected {sha[:12]}..., "
+                f"found {actual[:12]}...); the file is corrupt or was modified. Restore it or "
+                "rebuild the bundle with `hashaudit train bundle`."
+            )
+    if MANIFEST not in recorded:
+        raise BundleError(f"{folder.name}: {SUMS} does not cover {MANIFEST}")
+    return recorded
+
+
+def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(folder / name))
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"{folder.name}: cannot read {name}: {exc}") from exc
+
+
+def build_bundle_hasher(manifest: Manifest) -> Hasher:
+    """Rebuild the hasher architecture recorded in a manifest (random weights)."""
+    h, i = manifest.hasher, manifest.input
+    return build_hasher(
+        h["arch"], int(h["bits"]), num_classes=int(h.get("num_classes", 0)),
+        in_channels=int(i["channels"]), mean=i["mean"], std=i["std"],
+        arch_kwargs=h.get("arch_kwargs", {}),
+    )
+
+
+def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundle:
+    """Verify and load a bundle; the hasher is in eval mode with gradients disabled."""
+    folder = Path(folder)
+    recorded = verify_bundle(folder)
+    manifest = Manifest.from_json((folder / MANIFEST).read_text(), f"{folder.name}/{MANIFEST}")
+    for entry in manifest.files:
+        if entry["path"] not in recorded or recorded[entry["path"]] != entry["sha256"]:
+            raise ChecksumMismatch(
+                f"{folder.name}: {entry['path']} in the manifest does not match {SUMS}"
+            )
+    hasher = build_bundle_hasher(manifest)
+    try:
+        hasher.load_state_dict(_load_tensors(folder, manifest.hasher.get("weights", HASHER_FILE)),
+                               strict=True)
+    except RuntimeError as exc:
+        raise BundleError(
+            f"{folder.name}: hasher weights do not fit the architecture in the manifest: {exc}"
+        ) from exc
+    hasher.eval().requires_grad_(False).to(device)
+
+    g = _load_tensors(folder, GALLERY_FILE)
+    gallery = Gallery(*(g[k].numpy() for k in ("codes_packed", "labels", "ids", "thumbnails")))
+    n, c = len(gallery.ids), len(manifest.class_names)
+    i = manifest.input
+    expect = {
+        "codes_packed": (n, (manifest.bits + 7) // 8), "labels": (n, c),
+        "thumbnails": (n, int(i["channels"]), int(i["height"]), int(i["width"])),
+    }
+    for key, shape in expect.items():
+        if tuple(getattr(gallery, key).shape) != shape:
+            raise BundleError(
+                f"{folder.name}: gallery {key} has shape {tuple(getattr(gallery, key).shape)}, "
+                f"the manifest implies {shape}"
+            )
+    q = _load_tensors(folder, QUERIES_FILE)
+    queries = QuerySet(*(q[k].numpy() for k in ("images", "labels", "ids")))
+    if queries.images.shape[1:] != expect["thumbnails"][1:] or queries.labels.shape[1] != c:
+        raise BundleError(f"{folder.name}: query images or labels do not match the manifest")
+    splits = {k: v.numpy() for k, v in _load_tensors(folder, SPLITS_FILE).items()}
+    return Bundle(folder, manifest, hasher, gallery, queries, splits, sha256_file(folder / SUMS))

@@ -1,0 +1,1 @@
+"""Offline training package: hashers, bundles (and later generators). CLI: ``hashaudit train``."""

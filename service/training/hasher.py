@@ -1,0 +1,169 @@
+"""Training a hasher on an in-memory image set, with resumable checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from service.data.base import ArrayImageSet
+from service.data.transforms import random_shift_flip
+from service.device import resolve_device
+from service.nets import Hasher, build_hasher
+from service.training.checkpoint import load_checkpoint, save_checkpoint
+from service.training.losses import LOSSES, classification_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HasherConfig:
+    """Everything that defines a hasher training run (recorded in the bundle manifest)."""
+
+    arch: str = "small_cnn"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    bits: int = 32
+    loss: str = "dpsh"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    cls_weight: float = 1.0
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    max_shift: int = 2
+    flip: bool = True
+    seed: int = 0
+    mean: list[float] = field(default_factory=lambda: [0.2860])
+    std: list[float] = field(default_factory=lambda: [0.3530])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HasherConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            from service.errors import ConfigError
+
+            raise ConfigError(f"unknown hasher config keys: {sorted(unknown)}", field="hasher")
+        return cls(**d)
+
+
+def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
+def train_hasher(
+    cfg: HasherConfig,
+    train_set: ArrayImageSet,
+    device: str = "auto",
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[Hasher, list[dict[str, float]]]:
+    """Train a hasher; resume from ``checkpoint_dir`` when it holds a checkpoint of ``cfg``.
+
+    Randomness (init, shuffling, augmentation) derives from ``cfg.seed`` and the epoch number,
+    so a resumed run continues exactly as an uninterrupted one would.
+
+    Returns:
+        The trained hasher (eval mode, on CPU) and the per-epoch history.
+    """
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    n, c = len(train_set), train_set.images.shape[1]
+    num_classes = train_set.labels.shape[1]
+    hasher = build_hasher(
+        cfg.arch, cfg.bits, num_classes=num_classes if cfg.cls_weight > 0 else 0,
+        in_channels=c, mean=cfg.mean, std=cfg.std, arch_kwargs=cfg.arch_kwargs,
+    ).to(dev)
+    loss_fn = LOSSES.create(
+        cfg.loss, num_train=n, bits=cfg.bits, num_classes=num_classes, **cfg.loss_kwargs
+    ).to(dev)
+    opt = torch.optim.Adam(hasher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules = {"hasher": hasher, "loss": loss_fn}
+
+    start_epoch, history = 0, []
+    if checkpoint_dir is not None:
+        state = load_checkpoint(checkpoint_dir, modules, opt, cfg.to_dict())
+        if state is not None:
+            start_epoch, history = state["epoch"], state["history"]
+            log.info("resuming from %s at epoch %d", checkpoint_dir, start_epoch)
+
+    images = torch.from_numpy(np.ascontiguousarray(train_set.images))
+    labels = torch.from_numpy(np.ascontiguousarray(train_set.labels)).float()
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        hasher.train()
+        lr = _cosine_lr(cfg.lr, epoch, cfg.epochs)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+            leave=False,
+        )
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = images[idx].float().div_(255.0)
+            if cfg.augment:
+                x = random_shift_flip(x, gen, max_shift=cfg.max_shift, flip=cfg.flip)
+            x, y, idx_d = x.to(dev), labels[idx].to(dev), idx.to(dev)
+            u = hasher(x)
+            prog = (epoch + step / steps_per_epoch) / cfg.epochs
+            loss, parts = loss_fn(u, y, idx_d, prog)
+            if hasher.classifier is not None:
+                cls = classification_loss(hasher.classifier(torch.tanh(u)), y)
+                loss = loss + cfg.cls_weight * cls
+                parts["cls"] = cls.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            parts["loss"] = loss.item()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        rec = {k: v / steps_per_epoch for k, v in sums.items()}
+        rec.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - t0)
+        history.append(rec)
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
+        if checkpoint_dir is not None:
+            save_checkpoint(
+                checkpoint_dir, modules, opt,
+                {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()},
+            )
+    hasher.eval()
+    return hasher.cpu(), history
+
+
+@torch.no_grad()
+def encode(
+    hasher: Hasher, images: np.ndarray | torch.Tensor, batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Sign codes (N, K) int8 in {-1, +1} of uint8 images (N, C, H, W)."""
+    hasher.eval()
+    dev = torch.device(device) if isinstance(device, str) else device
+    hasher.to(dev)
+    imgs = torch.as_tensor(images)
+    out = []
+    for i in range(0, len(imgs), batch_size):
+        x = imgs[i:i + batch_size].to(dev).float().div_(255.0)
+        out.append(hasher.codes(x).to(torch.int8).cpu())
+    if not out:
+        return np.zeros((0, hasher.bits), dtype=np.int8)
+    return torch.cat(out).numpy()

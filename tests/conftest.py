@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny real bundle trained once per test session on real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY_ARGS, needs_fmnist
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding one tiny bundle, ``tiny`` (16 bits, 800 database, 100 queries)."""
+    needs_fmnist()
+    from service.training.cli import main
+
+    store = tmp_path_factory.mktemp("store")
+    assert main([*TINY_ARGS, "--store", str(store)]) == 0
+    return store
+
+
+@pytest.fixture()
+def tiny_bundle_copy(tiny_store: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny bundle folder that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_store / "tiny", dst)
+    return dst

@@ -1,0 +1,24 @@
+"""Test helpers importable from every test module (tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FMNIST_DIR = Path(os.environ.get("HASHAUDIT_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_ARGS = [
+    "hasher", "--name", "tiny", "--num-train", "600", "--num-database", "800",
+    "--num-query", "100", "--epochs", "3", "--bits", "16", "--arch-kwargs", '{"width": 8}',
+    "--batch-size", "64", "--lr", "3e-3", "--device", "cpu", "--no-progress",
+]
+
+
+def needs_fmnist() -> None:
+    """Fail (not skip) without the data: the suite promises to run on real data."""
+    if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST not found in {FMNIST_DIR}: run `make data` "
+                    "(apt-get install -y dataset-fashion-mnist)")
