@@ -4,6 +4,8 @@ Importing this package registers every network in :data:`NETS`.
 """
 
 from service.nets import backbones as _backbones  # noqa: F401  (registers backbones)
+from service.nets import gan as _gan  # noqa: F401
+from service.nets import prototype as _prototype  # noqa: F401
 from service.nets.hasher import Hasher, build_hasher
 from service.nets.registry import NETS, create_net
 

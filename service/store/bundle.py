@@ -4,7 +4,8 @@ Layout of ``model_store/<name>/``::
 
     manifest.json        the Manifest (its ``files`` list names every payload file)
     hasher.safetensors   hasher weights (architecture rebuilt from the manifest)
-    gallery.safetensors  codes (packed bits), labels (multi-hot), ids, thumbnails (uint8)
+    gallery.safetensors  codes (packed bits), labels (multi-hot), ids
+    thumbnails.png       gallery thumbnails as one lossless PNG atlas (layout in the manifest)
     queries.safetensors  the protocol's query images (uint8), labels and ids, so figures and
                          audits can be recomputed from the bundle alone
     splits.safetensors   query / database / train indices of the recorded protocol
@@ -31,6 +32,7 @@ from service.errors import BundleError, ChecksumMismatch
 from service.nets import Hasher, build_hasher
 from service.retrieval.codes import pack_bits, unpack_bits
 from service.store.manifest import Manifest
+from service.store.thumbs import decode_atlas, encode_atlas
 
 SUMS = "SHA256SUMS"
 MANIFEST = "manifest.json"
@@ -38,6 +40,7 @@ HASHER_FILE = "hasher.safetensors"
 GALLERY_FILE = "gallery.safetensors"
 SPLITS_FILE = "splits.safetensors"
 QUERIES_FILE = "queries.safetensors"
+THUMBS_FILE = "thumbnails.png"
 
 
 @dataclass
@@ -143,13 +146,20 @@ def save_bundle(
     write_payload(folder, HASHER_FILE, dict(hasher.state_dict()))
     write_payload(folder, GALLERY_FILE, {
         "codes_packed": _np(gallery.codes_packed), "labels": _np(gallery.labels),
-        "ids": _np(gallery.ids), "thumbnails": _np(gallery.thumbnails),
+        "ids": _np(gallery.ids),
     })
+    png, cols = encode_atlas(gallery.thumbnails)
+    (folder / THUMBS_FILE).write_bytes(png)
+    n, c, h, w = gallery.thumbnails.shape
+    manifest = manifest.replace(extra={**manifest.extra, "thumbnails": {
+        "file": THUMBS_FILE, "count": int(n), "channels": int(c), "height": int(h),
+        "width": int(w), "columns": int(cols), "order": "row-major tiles, gallery order"}})
     write_payload(folder, QUERIES_FILE, {
         "images": _np(queries.images), "labels": _np(queries.labels), "ids": _np(queries.ids),
     })
     write_payload(folder, SPLITS_FILE, {k: _np(v.astype(np.int64)) for k, v in splits.items()})
-    return finalize(folder, manifest, [HASHER_FILE, GALLERY_FILE, QUERIES_FILE, SPLITS_FILE])
+    return finalize(folder, manifest,
+                    [HASHER_FILE, GALLERY_FILE, THUMBS_FILE, QUERIES_FILE, SPLITS_FILE])
 
 
 def verify_bundle(folder: Path) -> dict[str, str]:
@@ -224,12 +234,18 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
     hasher.eval().requires_grad_(False).to(device)
 
     g = _load_tensors(folder, GALLERY_FILE)
-    gallery = Gallery(*(g[k].numpy() for k in ("codes_packed", "labels", "ids", "thumbnails")))
+    t = manifest.extra.get("thumbnails")
+    if not t:
+        raise BundleError(f"{folder.name}: the manifest lacks the thumbnail atlas layout")
+    thumbs = decode_atlas((folder / t["file"]).read_bytes(), int(t["count"]),
+                          int(t["channels"]), int(t["height"]), int(t["width"]),
+                          int(t["columns"]))
+    gallery = Gallery(g["codes_packed"].numpy(), g["labels"].numpy(), g["ids"].numpy(), thumbs)
     n, c = len(gallery.ids), len(manifest.class_names)
     i = manifest.input
     expect = {
         "codes_packed": (n, (manifest.bits + 7) // 8), "labels": (n, c),
-        "thumbnails": (n, int(i["channels"]), int(i["height"]), int(i["width"])),
+        "thumbnails": (n, int(t["channels"]), int(t["height"]), int(t["width"])),
     }
     for key, shape in expect.items():
         if tuple(getattr(gallery, key).shape) != shape:
@@ -239,7 +255,8 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
             )
     q = _load_tensors(folder, QUERIES_FILE)
     queries = QuerySet(*(q[k].numpy() for k in ("images", "labels", "ids")))
-    if queries.images.shape[1:] != expect["thumbnails"][1:] or queries.labels.shape[1] != c:
+    q_shape = (int(i["channels"]), int(i["height"]), int(i["width"]))
+    if queries.images.shape[1:] != q_shape or queries.labels.shape[1] != c:
         raise BundleError(f"{folder.name}: query images or labels do not match the manifest")
     splits = {k: v.numpy() for k, v in _load_tensors(folder, SPLITS_FILE).items()}
     return Bundle(folder, manifest, hasher, gallery, queries, splits, sha256_file(folder / SUMS))

@@ -26,7 +26,8 @@ def test_tiny_bundle_loads_with_consistent_parts(tiny_store: Path) -> None:
     assert set(np.unique(b.gallery.codes(16))) <= {-1, 1}
     assert not b.hasher.training
     assert {f["path"] for f in m.files} == {
-        "hasher.safetensors", "gallery.safetensors", "queries.safetensors", "splits.safetensors"}
+        "hasher.safetensors", "gallery.safetensors", "thumbnails.png", "queries.safetensors",
+        "splits.safetensors"}
     assert set(b.splits["train"]) <= set(b.splits["database"])
     np.testing.assert_array_equal(b.splits["database"], b.gallery.ids)
     rec = m.dataset["splits"]
@@ -40,10 +41,10 @@ def test_sha256sum_accepts_the_sums_file(tiny_store: Path) -> None:
     out = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tiny_store / "tiny",
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 5
+    assert out.stdout.count(": OK") == 6
 
 
-@pytest.mark.parametrize("fname", ["hasher.safetensors", "gallery.safetensors",
+@pytest.mark.parametrize("fname", ["hasher.safetensors", "gallery.safetensors", "thumbnails.png",
                                    "queries.safetensors", "splits.safetensors", "manifest.json"])
 def test_a_flipped_byte_in_any_file_refuses_to_load(tiny_bundle_copy: Path, fname: str) -> None:
     p = tiny_bundle_copy / fname
@@ -65,6 +66,23 @@ def test_weights_of_another_shape_are_refused_even_with_fresh_checksums(
     finalize(tiny_bundle_copy, m, [f["path"] for f in m.files])
     with pytest.raises(BundleError, match="do not fit the architecture"):
         load_bundle(tiny_bundle_copy)
+
+
+def test_thumbnail_atlas_round_trips_exactly(tiny_store: Path) -> None:
+    from service.data import load_fashion_mnist
+
+    b = load_bundle(tiny_store / "tiny")
+    train = load_fashion_mnist(split="train")
+    np.testing.assert_array_equal(b.gallery.thumbnails, train.images[b.gallery.ids])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (13, 3, 4, 4), (7, 1, 28, 28)])
+def test_atlas_codec_exact_for_odd_counts(shape) -> None:
+    from service.store.thumbs import decode_atlas, encode_atlas
+
+    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    png, cols = encode_atlas(x)
+    np.testing.assert_array_equal(decode_atlas(png, *shape, cols), x)
 
 
 def test_other_format_version_is_refused(tiny_bundle_copy: Path) -> None:

@@ -1,0 +1,45 @@
+"""HAG-style attack (after Yang et al. 2018, "Adversarial examples for Hamming space search").
+
+Maximises the Hamming distance to the clean code through a masked tanh-code objective: only
+bits that have not flipped yet contribute, so the budget goes to the bits still to move instead
+of pushing flipped bits further. Optimised with Adam on the perturbation and projected onto
+the eps ball after every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from service.attacks.base import Attack, register_attack, scale_for
+
+
+@register_attack("hag")
+class HAG(Attack):
+    """Masked tanh-code objective, Adam steps, L-inf projection."""
+
+    def __init__(self, hasher: Any, eps: float, steps: int = 20, lr: float | None = None,
+                 **kw: Any) -> None:
+        super().__init__(hasher, eps, **kw)
+        self.steps = int(steps)
+        self.lr = float(lr) if lr else self.eps / 4
+
+    def perturb(self, x, labels, target, gen):
+        with torch.no_grad():
+            u0 = self.hasher(x)
+        b = torch.where(u0 >= 0, 1.0, -1.0)
+        scale = scale_for(u0)
+        delta = torch.zeros_like(x, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=self.lr)
+        for _ in range(self.steps):
+            u = self.hasher((x + delta).clamp(0, 1))
+            mask = (b * u > 0).float().detach()  # bits still agreeing with the clean code
+            loss = (mask * b * torch.tanh(scale * u)).sum(dim=1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                delta.clamp_(-self.eps, self.eps)
+                delta.copy_((x + delta).clamp(0, 1) - x)
+        return (x + delta).detach()

@@ -1,0 +1,89 @@
+"""PGD on hash codes: L-inf projected sign-gradient steps on a relaxed code objective.
+
+Untargeted: minimise ``mean_k a_k * tanh(s * u_k(x'))`` for an anchor code ``a``, pushing the
+adversarial code away from it. Anchors:
+
+* ``pgd``: the query's own clean code sign(u(x)) (no labels needed);
+* ``pgd_center``: the label's center code (the bundle's PrototypeNet code when it has one,
+  otherwise the majority vote of database codes sharing the label).
+
+``s`` = 1 / mean|u(x)| per sample, so the relaxation is not saturated (a trained hasher's
+outputs sit where tanh is flat and its gradient vanishes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from service.attacks.base import Attack, register_attack, scale_for
+
+
+class CodePGD(Attack):
+    """Shared loop: random start, ``steps`` sign-gradient steps of size ``step_size``.
+
+    Subclasses define :meth:`anchor` and the sign of the objective (``pull``: move toward the
+    anchor, for targeted attacks).
+    """
+
+    pull: bool = False
+
+    def __init__(
+        self, hasher: Any, eps: float, steps: int = 20, step_size: float | None = None,
+        random_start: bool = True, **kw: Any,
+    ) -> None:
+        super().__init__(hasher, eps, **kw)
+        self.steps = int(steps)
+        self.step_size = float(step_size) if step_size else 2.5 * self.eps / max(1, self.steps)
+        self.random_start = random_start
+
+    def anchor(
+        self, x: torch.Tensor, u0: torch.Tensor, labels: torch.Tensor | None,
+        target: torch.Tensor | None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def objective(self, u: torch.Tensor, anchor: torch.Tensor, scale: torch.Tensor,
+                  u0: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss to minimise."""
+        sim = (anchor * torch.tanh(scale * u)).mean(dim=1)
+        return -sim if self.pull else sim
+
+    def perturb(self, x, labels, target, gen):
+        with torch.no_grad():
+            u0 = self.hasher(x)
+        scale = scale_for(u0)
+        anchor = self.anchor(x, u0, labels, target)
+        x_adv = x.clone()
+        if self.random_start:
+            noise = torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1
+            x_adv = (x + self.eps * noise).clamp(0, 1)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            loss = self.objective(self.hasher(x_adv), anchor, scale, u0).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.no_grad():
+                x_adv = x_adv - self.step_size * grad.sign()
+                x_adv = torch.max(torch.min(x_adv, x + self.eps), x - self.eps).clamp(0, 1)
+        return x_adv.detach()
+
+
+@register_attack("pgd")
+class PGDOwnCode(CodePGD):
+    """Untargeted PGD pushing the code away from the query's own clean code."""
+
+    def anchor(self, x, u0, labels, target):
+        return torch.where(u0 >= 0, 1.0, -1.0)
+
+
+@register_attack("pgd_center")
+class PGDCenterCode(CodePGD):
+    """Untargeted PGD pushing the code away from the query label's center code."""
+
+    needs_labels = True
+    needs_context = True
+
+    def anchor(self, x, u0, labels, target):
+        assert self.context is not None and labels is not None
+        return self.context.prototype_codes(labels)
