@@ -3,6 +3,8 @@
     hashaudit train hasher|bundle ...   train into a frozen bundle (service.training)
     hashaudit eval BUNDLE               recompute a bundle's clean figures from its files
     hashaudit bundles                   list the bundles in the model store
+    hashaudit attack --bundle B --method M --eps E --labels L IMAGES...
+                                        attack images; writes PNGs and a JSON of codes
 """
 
 from __future__ import annotations
@@ -85,7 +87,81 @@ def cmd_train(argv: list[str]) -> int:
     return train_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles}
+def _label_vector(text: str, class_names: list[str], field: str) -> list[int]:
+    """'0,3' or 'Coat,Bag' -> multi-hot list; errors name the bad value."""
+    from service.errors import AttackInputError
+
+    vec = [0] * len(class_names)
+    for tok in [t.strip() for t in text.split(",") if t.strip()]:
+        if tok.isdigit() and int(tok) < len(class_names):
+            vec[int(tok)] = 1
+        elif tok in class_names:
+            vec[class_names.index(tok)] = 1
+        else:
+            raise AttackInputError(
+                f"{field}: {tok!r} is neither a class index 0..{len(class_names) - 1} nor a "
+                f"class name ({', '.join(class_names)})", field=field)
+    if not any(vec):
+        raise AttackInputError(f"{field}: give at least one label", field=field)
+    return vec
+
+
+def cmd_attack(argv: list[str]) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from service.attacks import ATTACKS
+    from service.attacks.runner import attack_batch
+    from service.data.base import decode_image
+    from service.device import resolve_device
+    from service.training.cli import parse_eps
+
+    p = argparse.ArgumentParser(
+        prog="hashaudit attack",
+        description="Attack images with a registered method. Images are converted to the "
+                    "bundle's channels and resized (bilinear) to its input size.")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
+    p.add_argument("--store", type=Path, default=None)
+    p.add_argument("--method", required=True, help=", ".join(ATTACKS.names()))
+    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (default)")
+    p.add_argument("--labels", default=None,
+                   help="query labels for every image: class indices or names, comma separated")
+    p.add_argument("--target", default=None, help="target label(s) for targeted methods")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=Path("attack_out"))
+    args = p.parse_args(argv)
+    device = str(resolve_device(args.device or get_settings().device))
+    bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device)
+    m = bundle.manifest
+    inp = m.input
+    imgs = np.stack([decode_image(f, inp["channels"], (inp["height"], inp["width"]))
+                     for f in args.images])
+    names = m.class_names
+    labels = target = None
+    if args.labels:
+        labels = np.array([_label_vector(args.labels, names, "labels")] * len(imgs), np.uint8)
+    if args.target:
+        target = np.array([_label_vector(args.target, names, "target")] * len(imgs), np.uint8)
+    res = attack_batch(bundle, args.method, args.eps, imgs, labels, target, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for f, adv, info in zip(args.images, res.adversarial, res.to_json(), strict=True):
+        out = args.out / f"{f.stem}_adv.png"
+        Image.fromarray(adv[0] if adv.shape[0] == 1 else adv.transpose(1, 2, 0)).save(out)
+        rows.append({"input": str(f), "output": str(out), **info})
+        print(f"{f.name}: hamming {info['hamming']}/{m.bits}, L-inf {info['linf_levels']}/255 "
+              f"-> {out}")
+    (args.out / "attack.json").write_text(json.dumps({
+        "bundle": bundle.name, "sha": bundle.sha, "method": args.method, "eps": args.eps,
+        "seed": args.seed, "bits": m.bits, "attack_seconds": res.seconds, "images": rows,
+    }, indent=2))
+    print(f"wrote {args.out / 'attack.json'}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attack": cmd_attack}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,3 +51,9 @@ class ConfigError(HashAuditError):
     """A training or service configuration value is invalid."""
 
     code = "config_error"
+
+
+class AttackInputError(HashAuditError):
+    """An attack was asked for with what it cannot use (labels, target, eps, options)."""
+
+    code = "bad_attack_input"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_ARGS, needs_fmnist
+from helpers import TINY_ARGS, TINY_GENERATOR_ARGS, needs_fmnist
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -17,12 +17,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding one tiny bundle, ``tiny`` (16 bits, 800 database, 100 queries)."""
+    """A store with one tiny bundle, ``tiny`` (16 bits, 1000 database, 100 queries), with both
+    UntargetedGAN generators trained into it."""
     needs_fmnist()
     from service.training.cli import main
 
     store = tmp_path_factory.mktemp("store")
     assert main([*TINY_ARGS, "--store", str(store)]) == 0
+    for attack in ("untargeted_gan", "untargeted_gan_plus"):
+        assert main([*TINY_GENERATOR_ARGS, "--bundle", "tiny", "--attack", attack,
+                     "--store", str(store)]) == 0
     return store
 
 

@@ -11,9 +11,14 @@ FMNIST_DIR = Path(os.environ.get("HASHAUDIT_FMNIST_DIR", "/usr/share/datasets/fa
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_ARGS = [
-    "hasher", "--name", "tiny", "--num-train", "600", "--num-database", "800",
-    "--num-query", "100", "--epochs", "3", "--bits", "16", "--arch-kwargs", '{"width": 8}',
+    "hasher", "--name", "tiny", "--num-train", "1000", "--num-database", "1000",
+    "--num-query", "100", "--epochs", "4", "--bits", "16", "--arch-kwargs", '{"width": 8}',
     "--batch-size", "64", "--lr", "3e-3", "--device", "cpu", "--no-progress",
+]
+
+TINY_GENERATOR_ARGS = [
+    "generator", "--epochs", "3", "--num-train", "1000", "--width", "8", "--batch-size", "50",
+    "--lr", "1e-3", "--device", "cpu", "--no-progress",
 ]
 
 

@@ -21,19 +21,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from service.errors import HashAuditError
+from service.errors import AttackInputError
 from service.nets import Hasher
 from service.registry import Registry
 
 log = logging.getLogger(__name__)
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
-
-
-class AttackInputError(HashAuditError):
-    """An attack was called without what it needs (labels, a target) or with bad shapes."""
-
-    code = "bad_attack_input"
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -9,8 +9,6 @@ label's anchor.
 
 from __future__ import annotations
 
-import torch
-
 from service.attacks.base import register_attack
 from service.attacks.pgd import CodePGD
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,10 +91,40 @@ class Bundle:
     queries: QuerySet
     splits: dict[str, np.ndarray]
     sha: str  # sha256 of SHA256SUMS: identifies the exact bundle contents
+    _parts: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hasher.parameters()).device
+
+    def prototype(self) -> torch.nn.Module | None:
+        """The bundle's PrototypeNet (None when no generator was trained yet)."""
+        from service.store.generators import load_prototype
+
+        if "prototype" not in self._parts:
+            p = load_prototype(self.path, self.manifest, _load_tensors)
+            self._parts["prototype"] = p.to(self.device) if p is not None else None
+        return self._parts["prototype"]
+
+    def generator_parts(self, attack: str, eps: float) -> dict[str, Any]:
+        """Prototype, decoder, generator and trained eps for ``attack`` at ``eps`` (cached)."""
+        from service.store.generators import load_generator, pick_generator
+
+        entry = pick_generator(self.manifest, attack, eps)
+        key = entry["file"]
+        if key not in self._parts:
+            dec, gen = load_generator(self.path, entry, _load_tensors)
+            self._parts[key] = (dec.to(self.device), gen.to(self.device))
+        proto = self.prototype()
+        if proto is None:
+            raise BundleError(f"{self.name}: generator {key} present but no PrototypeNet")
+        dec, gen = self._parts[key]
+        return {"prototype": proto, "decoder": dec, "generator": gen, "eps": entry["eps"],
+                "entry": entry}
 
 
 def sha256_file(path: Path) -> str:

@@ -33,13 +33,17 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _key(pid: str) -> int | str:
+    return int(pid) if pid.isdigit() else pid
+
+
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for key, t in tensors.items():
         pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
+        state.setdefault(_key(pid), {})[name] = t
     for pid, st in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(st)
+        state.setdefault(_key(pid), {}).update(st)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

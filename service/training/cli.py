@@ -1,8 +1,9 @@
 """``hashaudit train ...``: train hashers into frozen bundles.
 
 Subcommands:
-    hasher   train a hasher from command-line options and freeze it into a bundle
-    bundle   build a bundle from a TOML config file (see configs/default_bundle.toml)
+    hasher     train a hasher from command-line options and freeze it into a bundle
+    bundle     build a bundle from a TOML config file (see configs/default_bundle.toml)
+    generator  train an attack generator (and the bundle's PrototypeNet) into a bundle
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from service.config import get_settings
 from service.errors import HashAuditError
 from service.training.bundle import build_bundle, read_config
+from service.training.generator import GeneratorConfig, train_generator
 from service.training.hasher import HasherConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--lr", type=float, default=defaults.lr)
     h.add_argument("--no-augment", action="store_true")
     _common(h)
+
+    g = sub.add_parser("generator", help="train an attack generator into a bundle")
+    g.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
+    g.add_argument("--attack", default="untargeted_gan_plus",
+                   help="untargeted_gan (paper loss) or untargeted_gan_plus")
+    g.add_argument("--eps", type=parse_eps, default=None,
+                   help="train for this one eps (e.g. 8/255); default: the range below")
+    g.add_argument("--eps-min", type=parse_eps, default=GeneratorConfig.eps_min)
+    g.add_argument("--eps-max", type=parse_eps, default=GeneratorConfig.eps_max)
+    g.add_argument("--epochs", type=int, default=GeneratorConfig.epochs)
+    g.add_argument("--batch-size", type=int, default=GeneratorConfig.batch_size)
+    g.add_argument("--lr", type=float, default=GeneratorConfig.lr)
+    g.add_argument("--width", type=int, default=GeneratorConfig.width)
+    g.add_argument("--num-train", type=int, default=GeneratorConfig.num_train)
+    g.add_argument("--weights", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
+                   help="loss weights a (hashing), b (L2), c (discriminator)")
+    g.add_argument("--seed", type=int, default=0)
+    _common(g)
     return parser
+
+
+def parse_eps(text: str) -> float:
+    """'8/255' or '0.0314' -> float."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an eps: {text!r} (use 8/255 or 0.031)") from None
 
 
 def _config_from_args(args: argparse.Namespace) -> dict:
@@ -85,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     store = args.store or settings.model_store
     device = args.device or settings.device
+    if args.cmd == "generator":
+        return _generator(args, Path(store), device)
     try:
         if args.cmd == "bundle":
             cfg = read_config(args.config)
@@ -105,4 +138,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {manifest.name} written to {Path(store) / manifest.name}")
     print(f"clean mAP@all {f['map_all']:.4f}  mAP@1000 {f['map_1000']:.4f}  "
           f"P@r2 {f['p_r2']:.4f}  ({f['num_queries']} queries, {f['num_database']} database)")
+    return 0
+
+
+def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
+    from service.store.modelstore import check_bundle_name
+
+    folder = Path(args.bundle)
+    if not (folder / "manifest.json").is_file():
+        folder = store / check_bundle_name(args.bundle, field="bundle")
+    lo, hi = (args.eps, args.eps) if args.eps is not None else (args.eps_min, args.eps_max)
+    a, b, c = args.weights if args.weights else (None, None, None)
+    cfg = GeneratorConfig(attack=args.attack, eps_min=lo, eps_max=hi, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
+                          width=args.width, num_train=args.num_train, seed=args.seed,
+                          weight_t=a, weight_q=b, weight_d=c)
+    try:
+        entry = train_generator(folder, cfg, device=device, checkpoint_dir=args.checkpoint_dir,
+                                progress=not args.no_progress)
+    except HashAuditError as exc:
+        print(f"error: {exc.message}")
+        return 2
+    last = entry["training"]["history"][-1]
+    print(f"{entry['attack']} (eps {lo:.4f}..{hi:.4f}) written to {folder / entry['file']}; "
+          f"last epoch: bits flipped {last['bits_flipped']:.3f}, L_T {last['l_t']:.4f}")
     return 0

@@ -20,14 +20,18 @@ def test_tiny_bundle_loads_with_consistent_parts(tiny_store: Path) -> None:
     b = load_bundle(tiny_store / "tiny")
     m = b.manifest
     assert m.bits == 16 and len(m.class_names) == 10
-    assert len(b.gallery) == 800 and len(b.queries) == 100
-    assert b.gallery.codes_packed.shape == (800, 2)
+    assert len(b.gallery) == 1000 and len(b.queries) == 100
+    assert b.gallery.codes_packed.shape == (1000, 2)
     assert b.gallery.thumbnails.dtype == np.uint8
     assert set(np.unique(b.gallery.codes(16))) <= {-1, 1}
     assert not b.hasher.training
     assert {f["path"] for f in m.files} == {
         "hasher.safetensors", "gallery.safetensors", "thumbnails.png", "queries.safetensors",
-        "splits.safetensors"}
+        "splits.safetensors", "prototype.safetensors",
+        "gen_untargeted_gan_m100.safetensors", "gen_untargeted_gan_plus_m100.safetensors"}
+    assert [g["attack"] for g in m.generators] == ["untargeted_gan", "untargeted_gan_plus"]
+    hasher_sha = next(f["sha256"] for f in m.files if f["path"] == "hasher.safetensors")
+    assert all(g["target_hasher_sha"] == hasher_sha for g in m.generators)
     assert set(b.splits["train"]) <= set(b.splits["database"])
     np.testing.assert_array_equal(b.splits["database"], b.gallery.ids)
     rec = m.dataset["splits"]
@@ -41,11 +45,13 @@ def test_sha256sum_accepts_the_sums_file(tiny_store: Path) -> None:
     out = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tiny_store / "tiny",
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 6
+    assert out.stdout.count(": OK") == 9
 
 
-@pytest.mark.parametrize("fname", ["hasher.safetensors", "gallery.safetensors", "thumbnails.png",
-                                   "queries.safetensors", "splits.safetensors", "manifest.json"])
+@pytest.mark.parametrize("fname", [
+    "hasher.safetensors", "gallery.safetensors", "thumbnails.png", "queries.safetensors",
+    "splits.safetensors", "manifest.json", "prototype.safetensors",
+    "gen_untargeted_gan_plus_m100.safetensors"])
 def test_a_flipped_byte_in_any_file_refuses_to_load(tiny_bundle_copy: Path, fname: str) -> None:
     p = tiny_bundle_copy / fname
     data = bytearray(p.read_bytes())

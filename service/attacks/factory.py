@@ -1,0 +1,36 @@
+"""Build any registered attack for a loaded bundle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from service.attacks.base import ATTACKS, Attack, AttackContext
+from service.attacks.generator import GeneratorAttack
+
+
+def bundle_context(bundle: Any) -> AttackContext:
+    """Database codes/labels and PrototypeNet of a bundle, on its device (cached on it)."""
+    ctx = bundle._parts.get("attack_context")
+    if ctx is None:
+        dev = bundle.device
+        ctx = AttackContext(
+            torch.from_numpy(bundle.gallery.codes(bundle.manifest.bits)).float().to(dev),
+            torch.from_numpy(bundle.gallery.labels).float().to(dev),
+            bundle.prototype(),
+        )
+        bundle._parts["attack_context"] = ctx
+    return ctx
+
+
+def attack_for_bundle(bundle: Any, method: str, eps: float, seed: int = 0,
+                      **options: Any) -> Attack:
+    """Instantiate ``method`` against ``bundle``'s hasher (generators come from the bundle)."""
+    cls = ATTACKS.get(method, field="method")
+    kw: dict[str, Any] = dict(options)
+    if issubclass(cls, GeneratorAttack):
+        kw["parts"] = bundle.generator_parts(method, eps)
+    if cls.needs_context or cls.needs_labels:
+        kw.setdefault("context", bundle_context(bundle))
+    return cls(bundle.hasher, eps, seed=seed, **kw)

@@ -1,0 +1,63 @@
+"""Generator attacks: one forward pass of a trained perturbation generator.
+
+``untargeted_gan`` (UntargetedGAN, Huang et al.: the paper's loss) and
+``untargeted_gan_plus`` (same networks, a training loss whose hashing term does not saturate)
+share this inference code: PrototypeNet label feature -> decoder label map -> generator
+perturbation (tanh scaled by the generator's trained eps) -> projection to the requested eps.
+The trained parts come from the bundle (:meth:`service.store.Bundle.generator_parts`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.attacks.base import Attack, AttackInputError, register_attack
+
+
+class GeneratorAttack(Attack):
+    """Label-conditioned generator attack (no gradient steps at inference)."""
+
+    needs_labels = True
+    iterative = False
+
+    def __init__(self, hasher: Any, eps: float, parts: dict[str, Any] | None = None,
+                 **kw: Any) -> None:
+        super().__init__(hasher, eps, **kw)
+        if parts is None:
+            raise AttackInputError(
+                f"{self.name} needs a generator trained for this bundle "
+                "(hashaudit train generator)", field="method")
+        self.prototype: nn.Module = parts["prototype"].eval()
+        self.decoder: nn.Module = parts["decoder"].eval()
+        self.generator: nn.Module = parts["generator"].eval()
+        self.trained_eps = float(parts["eps"])
+        lo = parts["entry"].get("training", {}).get("eps_range", [self.trained_eps])[0]
+        # Generators trained over an eps range scale their tanh output by the requested eps;
+        # below the range they use its lower end and the projection cuts to the request.
+        self.scale_eps = min(max(self.eps, float(lo)), self.trained_eps)
+        if self.eps > self.trained_eps + 1e-9:
+            raise AttackInputError(
+                f"{self.name} was trained for eps <= {self.trained_eps:.4f}; "
+                f"asked for {self.eps:.4f}", field="eps")
+        for m in (self.prototype, self.decoder, self.generator):
+            m.requires_grad_(False)
+
+    def perturb(self, x, labels, target, gen):
+        with torch.no_grad():
+            cond_labels = target if self.targeted else labels
+            f = self.prototype(cond_labels)["feature"]
+            delta = self.generator(x, self.decoder(f), self.scale_eps)
+        return x + delta
+
+
+@register_attack("untargeted_gan")
+class UntargetedGAN(GeneratorAttack):
+    """UntargetedGAN trained with the paper's loss (eqs. 3-6)."""
+
+
+@register_attack("untargeted_gan_plus")
+class UntargetedGANPlus(GeneratorAttack):
+    """UntargetedGAN networks trained with the non-saturating hashing term."""

@@ -1,0 +1,117 @@
+"""Generator parts in a bundle: PrototypeNet (shared) and one decoder+generator per entry.
+
+Manifest records:
+* ``extra["prototype"]``: ``{"file", "arch", "training"}``; the PrototypeNet trained against
+  this bundle's hasher;
+* ``generators``: one entry per trained generator: ``{"attack", "eps", "file", "arch":
+  {"label_decoder": kwargs, "perturbation_generator": kwargs}, "dtype",
+  "target_hasher_sha", "training", "evaluation"}``.
+Weights are stored as float16 to keep bundles small and are loaded as float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.errors import AttackInputError, BundleError
+from service.nets import create_net
+from service.store.bundle import finalize, sha256_file, write_payload
+from service.store.manifest import Manifest
+
+PROTOTYPE_FILE = "prototype.safetensors"
+
+
+def _half(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}{k}": (v.half() if v.is_floating_point() else v)
+        for k, v in module.state_dict().items()
+    }
+
+
+def eps_tag(eps: float) -> str:
+    """File-name tag of an eps: grey levels (8/255 -> 'e8'), else thousandths."""
+    levels = eps * 255
+    if abs(levels - round(levels)) < 1e-3:
+        return f"e{round(levels)}"
+    return f"m{round(eps * 1000)}"
+
+
+def save_prototype(folder: Path, manifest: Manifest, proto: nn.Module, arch: dict[str, Any],
+                   training: dict[str, Any]) -> Manifest:
+    """Write the PrototypeNet into the bundle and re-seal it."""
+    write_payload(folder, PROTOTYPE_FILE, _half(proto))
+    extra = {**manifest.extra, "prototype": {
+        "file": PROTOTYPE_FILE, "arch": arch, "dtype": "float16", "training": training,
+        "target_hasher_sha": sha256_file(folder / manifest.hasher.get("weights",
+                                                                     "hasher.safetensors")),
+    }}
+    manifest = manifest.replace(extra=extra)
+    return finalize(folder, manifest, sorted({*(f["path"] for f in manifest.files),
+                                              PROTOTYPE_FILE}))
+
+
+def save_generator(folder: Path, manifest: Manifest, attack: str, eps: float,
+                   decoder: nn.Module, generator: nn.Module, arch: dict[str, Any],
+                   training: dict[str, Any], evaluation: dict[str, Any]) -> Manifest:
+    """Write one generator (replacing an earlier one of the same attack and eps) and re-seal."""
+    fname = f"gen_{attack}_{eps_tag(eps)}.safetensors"
+    write_payload(folder, fname, {**_half(decoder, "decoder."), **_half(generator, "generator.")})
+    entry = {
+        "attack": attack, "eps": float(eps), "file": fname, "arch": arch, "dtype": "float16",
+        "target_hasher_sha": sha256_file(folder / manifest.hasher.get("weights",
+                                                                     "hasher.safetensors")),
+        "training": training, "evaluation": evaluation,
+    }
+    gens = [g for g in manifest.generators
+            if not (g["attack"] == attack and abs(g["eps"] - eps) < 1e-9)]
+    manifest = manifest.replace(generators=sorted([*gens, entry],
+                                                  key=lambda g: (g["attack"], g["eps"])))
+    return finalize(folder, manifest, sorted({*(f["path"] for f in manifest.files), fname}))
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
+               where: str) -> nn.Module:
+    sd = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+          for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{where} does not fit its recorded architecture: {exc}") from exc
+    return module.eval().requires_grad_(False)
+
+
+def load_prototype(folder: Path, manifest: Manifest, load: Any) -> nn.Module | None:
+    info = manifest.extra.get("prototype")
+    if not info:
+        return None
+    return _load_into(create_net("prototype_net", **info["arch"]), load(folder, info["file"]),
+                      "", f"{folder.name}/{info['file']}")
+
+
+def pick_generator(manifest: Manifest, attack: str, eps: float) -> dict[str, Any]:
+    """The entry of ``attack`` with the smallest trained eps >= ``eps``."""
+    cands = [g for g in manifest.generators if g["attack"] == attack and g["eps"] >= eps - 1e-6]
+    if not cands:
+        have = sorted(g["eps"] for g in manifest.generators if g["attack"] == attack)
+        if not have:
+            raise AttackInputError(f"bundle {manifest.name} has no trained {attack} generator",
+                                   field="method")
+        raise AttackInputError(
+            f"{attack} in bundle {manifest.name} is trained for eps up to {max(have):.4f} "
+            f"(available: {', '.join(f'{e:.4f}' for e in have)}); asked for {eps:.4f}",
+            field="eps")
+    return min(cands, key=lambda g: g["eps"])
+
+
+def load_generator(folder: Path, entry: dict[str, Any], load: Any) -> tuple[nn.Module, nn.Module]:
+    t = load(folder, entry["file"])
+    where = f"{folder.name}/{entry['file']}"
+    dec = _load_into(create_net("label_decoder", **entry["arch"]["label_decoder"]), t,
+                     "decoder.", where)
+    gen = _load_into(create_net("perturbation_generator",
+                                **entry["arch"]["perturbation_generator"]), t, "generator.", where)
+    return dec, gen

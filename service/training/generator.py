@@ -1,0 +1,300 @@
+"""Training label-conditioned attack generators against a bundle's frozen hasher.
+
+Order (UntargetedGAN, Huang et al.): 1) PrototypeNet against the frozen hasher, then frozen;
+2) decoder + generator + discriminator jointly. Loss of the generator (eq. 3):
+``L = a*L_T + b*L_q + c*L_D`` with
+
+* ``L_T`` = (1/K) h_q . h_adv  (h_q: prototype code of the query label, h_adv: the hasher's
+  relaxed code of x + delta; minimising it pushes the adversarial code away from the label),
+* ``L_q`` = ||x - x*||^2,
+* ``L_D`` = ||D(x*) - [y, 1]||^2; the discriminator learns [y, 1] for real, [y, 0] for adv.
+
+Variants (the registry names of the resulting attacks):
+* ``untargeted_gan`` (paper): h_adv = tanh(u), h_q the continuous prototype code,
+  a = b = c = 1. L_q is read as the mean squared error over pixels (``F.mse_loss``'s default,
+  as GAN attack code usually computes it); summed over pixels it outweighs L_T by orders of
+  magnitude and the generator learns no perturbation at all (measured here).
+* ``untargeted_gan_plus``: h_adv = tanh(s*u) with s = 1/mean|u(x)| per image, so the term is not
+  flat where a trained hasher's outputs sit (|u| >> 1 saturates tanh and starves the
+  gradient); h_q = sign of the prototype code; only bits still on the prototype's side count
+  (a flipped bit stops pulling budget); c = 0.1.
+
+Both are trained over a range of eps: each batch draws eps in [eps_min, eps_max] and the
+generator's tanh output is scaled by it, so one generator serves every eps in the range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from service.device import resolve_device
+from service.errors import ConfigError
+from service.nets import create_net
+from service.nets.gan import small_shapes
+from service.store.bundle import Bundle, load_bundle
+from service.store.generators import save_generator, save_prototype
+from service.training.checkpoint import load_checkpoint, save_checkpoint
+from service.training.losses import _pairwise_nll
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("untargeted_gan", "untargeted_gan_plus")
+
+
+@dataclass
+class PrototypeConfig:
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    feature_dim: int = 512
+    hidden: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class GeneratorConfig:
+    """A generator training run (recorded in the manifest entry)."""
+
+    attack: str = "untargeted_gan_plus"
+    eps_min: float = 2 / 255
+    eps_max: float = 0.1
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-4
+    d_lr: float = 2e-4
+    weight_t: float | None = None  # a (default per variant)
+    weight_q: float | None = None  # b
+    weight_d: float | None = None  # c
+    width: int = 16
+    blocks: int = 6
+    norm: str = "batch"
+    num_train: int | None = 10000
+    seed: int = 0
+    prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+
+    def weights(self) -> tuple[float, float, float]:
+        paper = self.attack == "untargeted_gan"
+        a = self.weight_t if self.weight_t is not None else 1.0
+        b = self.weight_q if self.weight_q is not None else 1.0
+        c = self.weight_d if self.weight_d is not None else (1.0 if paper else 0.1)
+        return a, b, c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _train_images(bundle: Bundle, num: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundle's hasher-training images (the train split lies inside the gallery)."""
+    pos = {int(i): k for k, i in enumerate(bundle.gallery.ids)}
+    idx = np.array([pos[int(i)] for i in bundle.splits["train"] if int(i) in pos])
+    if len(idx) == 0:
+        raise ConfigError("the bundle's train split is not in its gallery", field="bundle")
+    if num is not None and num < len(idx):
+        idx = np.sort(np.random.default_rng(seed).choice(idx, num, replace=False))
+    x = torch.from_numpy(bundle.gallery.thumbnails[idx])
+    inp = bundle.manifest.input
+    if tuple(x.shape[1:]) != (inp["channels"], inp["height"], inp["width"]):
+        raise ConfigError("gallery thumbnails are not full-size model inputs; "
+                          "generator training needs the training images", field="bundle")
+    return x, torch.from_numpy(bundle.gallery.labels[idx]).float()
+
+
+@torch.no_grad()
+def _codes(hasher: torch.nn.Module, images: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), 512):
+        out.append(hasher.codes(images[i:i + 512].to(dev).float() / 255.0))
+    return torch.cat(out)
+
+
+def train_prototype(bundle: Bundle, images: torch.Tensor, labels: torch.Tensor,
+                    cfg: PrototypeConfig, dev: torch.device, progress: bool) -> tuple[Any, dict]:
+    """Fit PrototypeNet so a label's code is close to the hasher codes of images with it.
+
+    Pairwise likelihood (DPSH form) between prototype codes of batch labels and the frozen
+    hasher's codes of all training images, plus quantisation and label reconstruction.
+    """
+    torch.manual_seed(cfg.seed)
+    bits, c = bundle.manifest.bits, labels.shape[1]
+    arch = {"num_classes": c, "bits": bits, "feature_dim": cfg.feature_dim, "hidden": cfg.hidden}
+    proto = create_net("prototype_net", **arch).to(dev)
+    codes = _codes(bundle.hasher, images, dev)
+    labels_d = labels.to(dev)
+    opt = torch.optim.Adam(proto.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    for _step in tqdm(range(cfg.steps), desc="prototype", disable=not progress, leave=False):
+        idx = torch.randint(0, len(labels), (cfg.batch_size,), generator=gen).to(dev)
+        y = labels_d[idx]
+        out = proto(y)
+        s = ((y @ labels_d.t()) > 0).float()
+        theta = 0.5 * out["code"] @ codes.t() * (32.0 / bits)
+        loss = (_pairwise_nll(theta, s).mean()
+                + 0.1 * (out["code"] - out["code"].sign()).pow(2).mean()
+                + F.binary_cross_entropy_with_logits(out["logits"], y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    proto.eval().requires_grad_(False)
+    # How well prototypes stand for their class: mean Hamming distance to own vs other codes.
+    with torch.no_grad():
+        h = torch.where(proto(labels_d)["code"] >= 0, 1.0, -1.0)
+        d_own = ((bits - (h * codes).sum(1)) / 2).mean().item()
+    rec = {"config": dataclasses.asdict(cfg), "final_loss": loss.item(),
+           "mean_hamming_to_own_codes": d_own, "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("prototype: loss %.4f, mean Hamming to own codes %.2f", loss.item(), d_own)
+    return proto, {"arch": arch, "training": rec}
+
+
+def _hash_term(cfg: GeneratorConfig, u: torch.Tensor, h_q: torch.Tensor,
+               scale: torch.Tensor) -> torch.Tensor:
+    k = u.shape[1]
+    if cfg.attack == "untargeted_gan":
+        return (h_q * torch.tanh(u)).sum(1).mean() / k
+    anchor = torch.where(h_q >= 0, 1.0, -1.0)
+    agree = (anchor * u > 0).float().detach()
+    return (agree * anchor * torch.tanh(scale * u)).sum(1).mean() / k
+
+
+def train_generator(
+    bundle_path: Path, cfg: GeneratorConfig, device: str = "auto",
+    checkpoint_dir: Path | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Train (PrototypeNet if missing, then) decoder + generator + discriminator; save them.
+
+    Returns the manifest entry of the new generator.
+    """
+    if cfg.attack not in VARIANTS:
+        raise ConfigError(f"unknown generator attack {cfg.attack!r}; known: {VARIANTS}",
+                          field="attack")
+    if not 0 < cfg.eps_min <= cfg.eps_max <= 1:
+        raise ConfigError("need 0 < eps_min <= eps_max <= 1", field="eps")
+    dev = resolve_device(device)
+    bundle = load_bundle(bundle_path, dev)
+    hasher = bundle.hasher
+    images, labels = _train_images(bundle, cfg.num_train, cfg.seed)
+    m = bundle.manifest
+    manifest = m
+    proto = bundle.prototype()
+    if proto is None:
+        proto, info = train_prototype(bundle, images, labels, cfg.prototype, dev, progress)
+        manifest = save_prototype(bundle_path, manifest, proto.cpu(), info["arch"],
+                                  info["training"])
+        proto = proto.to(dev)
+    inp = m.input
+    shapes = small_shapes(inp["channels"], inp["height"], inp["width"], labels.shape[1],
+                          m.bits, width_mult=cfg.width)
+    shapes["perturbation_generator"].update(blocks=cfg.blocks, norm=cfg.norm)
+    torch.manual_seed(cfg.seed)
+    decoder = create_net("label_decoder", **shapes["label_decoder"]).to(dev)
+    generator = create_net("perturbation_generator", **shapes["perturbation_generator"]).to(dev)
+    disc = create_net("label_discriminator", **shapes["label_discriminator"]).to(dev)
+    opt_g = torch.optim.Adam([*decoder.parameters(), *generator.parameters()], lr=cfg.lr,
+                             betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
+    a, b, c = cfg.weights()
+
+    modules = {"decoder": decoder, "generator": generator, "disc": disc}
+    start, history = 0, []
+    if checkpoint_dir is not None:
+        both = _Pair(opt_g, opt_d)
+        state = load_checkpoint(checkpoint_dir, modules, both, cfg.to_dict())  # type: ignore
+        if state is not None:
+            start, history = state["epoch"], state["history"]
+    n = len(images)
+    steps = math.ceil(n / cfg.batch_size)
+    log_lo, log_hi = math.log(cfg.eps_min), math.log(cfg.eps_max)
+    t_all = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        decoder.train()
+        generator.train()
+        disc.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        order = torch.randperm(n, generator=gen)
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"{cfg.attack} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = images[idx].to(dev).float() / 255.0
+            y = labels[idx].to(dev)
+            eps = math.exp(log_lo + (log_hi - log_lo) * torch.rand(1, generator=gen).item())
+            with torch.no_grad():
+                p = proto(y)
+                u0 = hasher(x)
+            x_adv = (x + generator(x, decoder(p["feature"]), eps)).clamp(0, 1)
+            real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
+            fake_t = torch.cat([y, torch.zeros_like(y[:, :1])], 1)
+            if c > 0:
+                d_loss = ((disc(x) - real_t).pow(2).sum(1).mean()
+                          + (disc(x_adv.detach()) - fake_t).pow(2).sum(1).mean())
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+            else:
+                d_loss = torch.zeros(())
+            u = hasher(x_adv)
+            l_t = _hash_term(cfg, u, p["code"], 1.0 / u0.abs().mean(1, keepdim=True))
+            l_q = (x_adv - x).pow(2).mean()
+            l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
+            loss = a * l_t + b * l_q + c * l_d
+            opt_g.zero_grad()
+            loss.backward()
+            opt_g.step()
+            with torch.no_grad():
+                flipped = ((torch.sign(u) != torch.sign(u0)).float().mean()).item()
+            for k_, v_ in (("l_t", l_t.item()), ("l_q", l_q.item()), ("l_d", l_d.item()),
+                           ("d_loss", d_loss.item()), ("bits_flipped", flipped)):
+                sums[k_] = sums.get(k_, 0.0) + v_
+            if step % 20 == 0:
+                bar.set_postfix(l_t=f"{l_t.item():.3f}", flipped=f"{flipped:.2f}")
+        rec = {k_: v_ / steps for k_, v_ in sums.items()}
+        rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
+        history.append(rec)
+        log.info("%s epoch %d/%d %s", cfg.attack, epoch + 1, cfg.epochs,
+                 " ".join(f"{k_}={v_:.4g}" for k_, v_ in rec.items() if k_ != "epoch"))
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, modules, _Pair(opt_g, opt_d),  # type: ignore
+                            {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()})
+    decoder.eval()
+    generator.eval()
+    arch = {"label_decoder": shapes["label_decoder"],
+            "perturbation_generator": shapes["perturbation_generator"]}
+    training = {"config": cfg.to_dict(), "history": history, "train_images": n,
+                "seconds": round(time.perf_counter() - t_all, 1), "device": str(dev),
+                "eps_range": [cfg.eps_min, cfg.eps_max]}
+    manifest = save_generator(bundle_path, manifest, cfg.attack, cfg.eps_max, decoder.cpu(),
+                              generator.cpu(), arch, training, {})
+    return next(g for g in manifest.generators
+                if g["attack"] == cfg.attack and abs(g["eps"] - cfg.eps_max) < 1e-9)
+
+
+class _Pair:
+    """Two optimizers checkpointed as one (state dicts keyed by g./d.)."""
+
+    def __init__(self, g: torch.optim.Optimizer, d: torch.optim.Optimizer) -> None:
+        self.g, self.d = g, d
+
+    def state_dict(self) -> dict[str, Any]:
+        sg, sd = self.g.state_dict(), self.d.state_dict()
+        state = {f"g{k}": v for k, v in sg["state"].items()}
+        state.update({f"d{k}": v for k, v in sd["state"].items()})
+        return {"state": state, "param_groups": {"g": sg["param_groups"],
+                                                 "d": sd["param_groups"]}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for name, opt in (("g", self.g), ("d", self.d)):
+            st = {int(str(k)[1:]): v for k, v in sd["state"].items() if str(k).startswith(name)}
+            opt.load_state_dict({"state": st, "param_groups": sd["param_groups"][name]})
