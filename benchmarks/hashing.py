@@ -43,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: the config's")
     p.add_argument("--bits", type=int, nargs="+", default=[32, 64])
     p.add_argument("--losses", nargs="+", default=["dpsh", "hashnet"])
+    p.add_argument("--num-train", type=int, default=None, help="override the config's")
+    p.add_argument("--num-database", type=int, default=None, help="override the config's")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     cfg = read_config(args.config)
     data = cfg["data"]
+    for key in ("num_train", "num_database"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
     db_pool, q_pool = load_source(data)
     splits = make_splits(len(db_pool), len(q_pool), SplitSpec(
         num_query=data["num_query"], num_database=data["num_database"],

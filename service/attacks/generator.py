@@ -45,12 +45,17 @@ class GeneratorAttack(Attack):
         for m in (self.prototype, self.decoder, self.generator):
             m.requires_grad_(False)
 
+    def label_maps(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoded label maps; each distinct label set in the batch is decoded once."""
+        uniq, inverse = torch.unique(labels, dim=0, return_inverse=True)
+        maps = self.decoder(self.prototype(uniq)["feature"])
+        return maps[inverse]
+
     def perturb(self, x, labels, target, gen):
-        with torch.no_grad():
-            cond_labels = target if self.targeted else labels
-            f = self.prototype(cond_labels)["feature"]
-            delta = self.generator(x, self.decoder(f), self.scale_eps)
-        return x + delta
+        with torch.inference_mode():
+            cond = self.label_maps(target if self.targeted else labels)
+            delta = self.generator(x, cond, self.scale_eps)
+        return (x + delta).clone()
 
 
 @register_attack("untargeted_gan")

@@ -149,6 +149,7 @@ def write_payload(folder: Path, filename: str, tensors: dict[str, torch.Tensor])
     """Write one safetensors payload file into a bundle folder (call finalize afterwards)."""
     folder.mkdir(parents=True, exist_ok=True)
     _save_tensors(folder / filename, tensors)
+    (folder / filename).chmod(0o644)
 
 
 def finalize(folder: Path, manifest: Manifest, payload: list[str]) -> Manifest:

@@ -11,6 +11,10 @@ Weights are stored as float16 to keep bundles small and are loaded as float32.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from torch import nn
 
 from service.errors import AttackInputError, BundleError
 from service.nets import create_net
-from service.store.bundle import finalize, sha256_file, write_payload
+from service.store.bundle import MANIFEST, finalize, sha256_file, write_payload
 from service.store.manifest import Manifest
 
 PROTOTYPE_FILE = "prototype.safetensors"
@@ -40,9 +44,34 @@ def eps_tag(eps: float) -> str:
     return f"m{round(eps * 1000)}"
 
 
-def save_prototype(folder: Path, manifest: Manifest, proto: nn.Module, arch: dict[str, Any],
+@contextlib.contextmanager
+def bundle_lock(folder: Path) -> Iterator[Manifest]:
+    """Exclusive lock on a bundle folder; yields its manifest as now on disk.
+
+    Two trainers adding generators to one bundle at once each re-read the manifest under the
+    lock, so neither overwrites the other's entry.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield Manifest.from_json((folder / MANIFEST).read_text(), f"{folder.name}/{MANIFEST}")
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def save_prototype(folder: Path, proto: nn.Module, arch: dict[str, Any],
                    training: dict[str, Any]) -> Manifest:
-    """Write the PrototypeNet into the bundle and re-seal it."""
+    """Write the PrototypeNet into the bundle and re-seal it (refused if one appeared)."""
+    with bundle_lock(folder) as manifest:
+        if manifest.extra.get("prototype"):
+            raise BundleError(f"{folder.name} got a PrototypeNet from another trainer meanwhile;"
+                              " rerun to train against it")
+        return _save_prototype(folder, manifest, proto, arch, training)
+
+
+def _save_prototype(folder: Path, manifest: Manifest, proto: nn.Module, arch: dict[str, Any],
+                    training: dict[str, Any]) -> Manifest:
     write_payload(folder, PROTOTYPE_FILE, _half(proto))
     extra = {**manifest.extra, "prototype": {
         "file": PROTOTYPE_FILE, "arch": arch, "dtype": "float16", "training": training,
@@ -54,10 +83,18 @@ def save_prototype(folder: Path, manifest: Manifest, proto: nn.Module, arch: dic
                                               PROTOTYPE_FILE}))
 
 
-def save_generator(folder: Path, manifest: Manifest, attack: str, eps: float,
-                   decoder: nn.Module, generator: nn.Module, arch: dict[str, Any],
-                   training: dict[str, Any], evaluation: dict[str, Any]) -> Manifest:
+def save_generator(folder: Path, attack: str, eps: float, decoder: nn.Module,
+                   generator: nn.Module, arch: dict[str, Any], training: dict[str, Any],
+                   evaluation: dict[str, Any]) -> Manifest:
     """Write one generator (replacing an earlier one of the same attack and eps) and re-seal."""
+    with bundle_lock(folder) as manifest:
+        return _save_generator(folder, manifest, attack, eps, decoder, generator, arch,
+                               training, evaluation)
+
+
+def _save_generator(folder: Path, manifest: Manifest, attack: str, eps: float,
+                    decoder: nn.Module, generator: nn.Module, arch: dict[str, Any],
+                    training: dict[str, Any], evaluation: dict[str, Any]) -> Manifest:
     fname = f"gen_{attack}_{eps_tag(eps)}.safetensors"
     write_payload(folder, fname, {**_half(decoder, "decoder."), **_half(generator, "generator.")})
     entry = {

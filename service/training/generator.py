@@ -185,12 +185,10 @@ def train_generator(
     hasher = bundle.hasher
     images, labels = _train_images(bundle, cfg.num_train, cfg.seed)
     m = bundle.manifest
-    manifest = m
     proto = bundle.prototype()
     if proto is None:
         proto, info = train_prototype(bundle, images, labels, cfg.prototype, dev, progress)
-        manifest = save_prototype(bundle_path, manifest, proto.cpu(), info["arch"],
-                                  info["training"])
+        save_prototype(bundle_path, proto.cpu(), info["arch"], info["training"])
         proto = proto.to(dev)
     inp = m.input
     shapes = small_shapes(inp["channels"], inp["height"], inp["width"], labels.shape[1],
@@ -275,7 +273,7 @@ def train_generator(
     training = {"config": cfg.to_dict(), "history": history, "train_images": n,
                 "seconds": round(time.perf_counter() - t_all, 1), "device": str(dev),
                 "eps_range": [cfg.eps_min, cfg.eps_max]}
-    manifest = save_generator(bundle_path, manifest, cfg.attack, cfg.eps_max, decoder.cpu(),
+    manifest = save_generator(bundle_path, cfg.attack, cfg.eps_max, decoder.cpu(),
                               generator.cpu(), arch, training, {})
     return next(g for g in manifest.generators
                 if g["attack"] == cfg.attack and abs(g["eps"] - cfg.eps_max) < 1e-9)
