@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_GENERATOR_ARGS
 from PIL import Image
 
+from helpers import TINY_GENERATOR_ARGS
 from service.cli import main
 from service.retrieval.codes import hex_to_codes
 from service.store import load_bundle
