@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, machine, print_table, write_json  # noqa: E402
 from service.attacks import ATTACKS  # noqa: E402
-from service.attacks.runner import attack_batch, hash_images  # noqa: E402
+from service.attacks.runner import attack_batch  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.errors import AttackInputError  # noqa: E402
 from service.evaluation import protocol_record, retrieval_figures  # noqa: E402
+from service.nets.hasher import encode_uint8  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 from service.training.cli import parse_eps  # noqa: E402
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = q.images[:n], q.labels[:n]
     db_codes, db_labels = bundle.gallery.codes(bundle.manifest.bits), bundle.gallery.labels
     methods = args.methods or [m for m in ATTACKS.names() if not ATTACKS.get(m).targeted]
-    clean_codes = hash_images(bundle.hasher, images, bundle.device)
+    clean_codes = encode_uint8(bundle.hasher, images)
     clean = retrieval_figures(clean_codes, labels, db_codes, db_labels)
     print(f"bundle {bundle.name} ({bundle.sha[:12]}), {n} queries, {len(db_labels)} database, "
           f"{bundle.manifest.bits} bits, clean mAP@all {clean['map_all']:.4f}, "

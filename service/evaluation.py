@@ -83,15 +83,13 @@ def evaluate_bundle(
     Returns:
         ``{"figures": ..., "recorded": ..., "gallery_codes_match": bool | None}``.
     """
-    import torch
-
+    from service.nets.hasher import encode_uint8
     from service.retrieval.codes import pack_bits
 
     m = bundle.manifest
     hasher = bundle.hasher.to(device)
     bits = m.bits
-    with torch.no_grad():
-        q_codes = _encode(hasher, bundle.queries.images, device)
+    q_codes = encode_uint8(hasher, bundle.queries.images)
     db_codes = bundle.gallery.codes(bits)
     figures = retrieval_figures(q_codes, bundle.queries.labels, db_codes, bundle.gallery.labels)
     match = None
@@ -99,18 +97,7 @@ def evaluate_bundle(
     if recode_database and bundle.gallery.thumbnails.shape[1:] == (
         inp["channels"], inp["height"], inp["width"]
     ):
-        with torch.no_grad():
-            recoded = _encode(hasher, bundle.gallery.thumbnails, device)
+        recoded = encode_uint8(hasher, bundle.gallery.thumbnails)
         match = bool(np.array_equal(pack_bits(recoded), bundle.gallery.codes_packed))
     return {"figures": figures, "recorded": m.evaluation.get("figures", {}),
             "gallery_codes_match": match}
-
-
-def _encode(hasher: Any, images: np.ndarray, device: str, batch_size: int = 512) -> np.ndarray:
-    import torch
-
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).to(device).float().div_(255.0)
-        out.append(hasher.codes(x).to(torch.int8).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, hasher.bits), np.int8)

@@ -42,7 +42,7 @@ def test_attack_cli_writes_pngs_within_eps_and_true_codes(tiny_store, tmp_path, 
         assert np.abs(adv.astype(int) - clean.astype(int)).max() <= 8
         import torch
 
-        code = b.hasher.codes(torch.from_numpy(adv[None, None]).float() / 255)[0]
+        code = b.hasher.codes(torch.from_numpy(adv[None, None].copy()).float() / 255)[0]
         assert np.array_equal(code.numpy().astype(np.int8), hex_to_codes(row["adv_code"], 16))
         clean_code = hex_to_codes(row["clean_code"], 16)
         assert row["hamming"] == int((clean_code != code.numpy()).sum())

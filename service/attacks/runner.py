@@ -11,6 +11,7 @@ import torch
 
 from service.attacks.base import to_uint8_within
 from service.attacks.factory import attack_for_bundle
+from service.nets.hasher import encode_uint8
 from service.retrieval.codes import codes_to_hex
 
 
@@ -62,18 +63,8 @@ def attack_batch(
         t_attack += time.perf_counter() - t0
         advs.append(to_uint8_within(xa, x, eps).cpu().numpy())
     adv = np.concatenate(advs)
-    clean_c = hash_images(bundle.hasher, images, dev)
-    adv_c = hash_images(bundle.hasher, adv, dev)
+    clean_c = encode_uint8(bundle.hasher, images)
+    adv_c = encode_uint8(bundle.hasher, adv)
     ham = (clean_c != adv_c).sum(1)
     linf = np.abs(adv.astype(np.int16) - images.astype(np.int16)).reshape(len(adv), -1).max(1)
     return AttackResult(method, eps, adv, clean_c, adv_c, ham, linf / 255.0, t_attack)
-
-
-@torch.no_grad()
-def hash_images(hasher: torch.nn.Module, images: np.ndarray, dev: torch.device) -> np.ndarray:
-    """Sign codes (N, K) int8 of uint8 images."""
-    out = []
-    for i in range(0, len(images), 512):
-        x = torch.from_numpy(images[i:i + 512]).to(dev).float() / 255.0
-        out.append(hasher.codes(x).to(torch.int8).cpu().numpy())
-    return np.concatenate(out)

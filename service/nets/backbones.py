@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from service.errors import ConfigError
-from service.nets.registry import NETS
+from service.nets.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Backbone(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@NETS.register("small_cnn")
+@BACKBONES.register("small_cnn")
 class SmallCNN(Backbone):
     """Three VGG-style stages (width w, 2w, 4w) and a pooled fully connected head.
 
@@ -131,19 +131,19 @@ class _ResNet(Backbone):
         return torch.flatten(self.pool(fmap), 1)
 
 
-@NETS.register("resnet18")
+@BACKBONES.register("resnet18")
 def resnet18(in_channels: int = 3, state_dict_path: str | None = None) -> Backbone:
     """torchvision ResNet-18 trunk (random init unless ``state_dict_path`` is given)."""
     return _ResNet(18, in_channels, state_dict_path)
 
 
-@NETS.register("resnet50")
+@BACKBONES.register("resnet50")
 def resnet50(in_channels: int = 3, state_dict_path: str | None = None) -> Backbone:
     """torchvision ResNet-50 trunk (random init unless ``state_dict_path`` is given)."""
     return _ResNet(50, in_channels, state_dict_path)
 
 
-@NETS.register("vgg11")
+@BACKBONES.register("vgg11")
 class VGG11(Backbone):
     """torchvision VGG-11 (BN) features + the first two fully connected layers (4096-d)."""
 

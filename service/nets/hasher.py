@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from service.nets.backbones import Backbone
-from service.nets.registry import create_net
+from service.nets.registry import create_backbone
 
 
 def _channel_vector(values: Sequence[float]) -> torch.Tensor:
@@ -76,6 +76,21 @@ def build_hasher(
     arch_kwargs: dict[str, Any] | None = None,
 ) -> Hasher:
     """Build a hasher from data (as a bundle manifest records it)."""
-    backbone = create_net(arch, in_channels=in_channels, **(arch_kwargs or {}))
+    backbone = create_backbone(arch, in_channels=in_channels, **(arch_kwargs or {}))
     assert isinstance(backbone, Backbone)
     return Hasher(backbone, bits=bits, num_classes=num_classes, mean=mean, std=std)
+
+
+@torch.no_grad()
+def encode_uint8(hasher: Hasher, images: Any, batch_size: int = 512) -> Any:
+    """Sign codes (N, K) as int8 numpy of uint8 images (N, C, H, W), on the hasher's device."""
+    import numpy as np
+
+    hasher.eval()
+    dev = next(hasher.parameters()).device
+    imgs = torch.as_tensor(images)
+    out = [hasher.codes(imgs[i:i + batch_size].to(dev).float().div_(255.0)).to(torch.int8).cpu()
+           for i in range(0, len(imgs), batch_size)]
+    if not out:
+        return np.zeros((0, hasher.bits), dtype=np.int8)
+    return torch.cat(out).numpy()

@@ -42,6 +42,7 @@ from service.device import resolve_device
 from service.errors import ConfigError
 from service.nets import create_net
 from service.nets.gan import small_shapes
+from service.nets.hasher import encode_uint8
 from service.store.bundle import Bundle, load_bundle
 from service.store.generators import save_generator, save_prototype
 from service.training.checkpoint import load_checkpoint, save_checkpoint
@@ -80,6 +81,7 @@ class GeneratorConfig:
     blocks: int = 6
     norm: str = "batch"
     num_train: int | None = 10000
+    anchor: str = "prototype"  # plus variant: "prototype" (label code) or "own" (clean code)
     seed: int = 0
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
 
@@ -110,14 +112,6 @@ def _train_images(bundle: Bundle, num: int | None, seed: int) -> tuple[torch.Ten
     return x, torch.from_numpy(bundle.gallery.labels[idx]).float()
 
 
-@torch.no_grad()
-def _codes(hasher: torch.nn.Module, images: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, len(images), 512):
-        out.append(hasher.codes(images[i:i + 512].to(dev).float() / 255.0))
-    return torch.cat(out)
-
-
 def train_prototype(bundle: Bundle, images: torch.Tensor, labels: torch.Tensor,
                     cfg: PrototypeConfig, dev: torch.device, progress: bool) -> tuple[Any, dict]:
     """Fit PrototypeNet so a label's code is close to the hasher codes of images with it.
@@ -129,7 +123,7 @@ def train_prototype(bundle: Bundle, images: torch.Tensor, labels: torch.Tensor,
     bits, c = bundle.manifest.bits, labels.shape[1]
     arch = {"num_classes": c, "bits": bits, "feature_dim": cfg.feature_dim, "hidden": cfg.hidden}
     proto = create_net("prototype_net", **arch).to(dev)
-    codes = _codes(bundle.hasher, images, dev)
+    codes = torch.from_numpy(encode_uint8(bundle.hasher, images)).float().to(dev)
     labels_d = labels.to(dev)
     opt = torch.optim.Adam(proto.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -157,12 +151,12 @@ def train_prototype(bundle: Bundle, images: torch.Tensor, labels: torch.Tensor,
     return proto, {"arch": arch, "training": rec}
 
 
-def _hash_term(cfg: GeneratorConfig, u: torch.Tensor, h_q: torch.Tensor,
+def _hash_term(cfg: GeneratorConfig, u: torch.Tensor, h_q: torch.Tensor, u0: torch.Tensor,
                scale: torch.Tensor) -> torch.Tensor:
     k = u.shape[1]
     if cfg.attack == "untargeted_gan":
         return (h_q * torch.tanh(u)).sum(1).mean() / k
-    anchor = torch.where(h_q >= 0, 1.0, -1.0)
+    anchor = torch.where((u0 if cfg.anchor == "own" else h_q) >= 0, 1.0, -1.0)
     agree = (anchor * u > 0).float().detach()
     return (agree * anchor * torch.tanh(scale * u)).sum(1).mean() / k
 
@@ -178,6 +172,8 @@ def train_generator(
     if cfg.attack not in VARIANTS:
         raise ConfigError(f"unknown generator attack {cfg.attack!r}; known: {VARIANTS}",
                           field="attack")
+    if cfg.anchor not in ("prototype", "own"):
+        raise ConfigError("anchor must be 'prototype' or 'own'", field="anchor")
     if not 0 < cfg.eps_min <= cfg.eps_max <= 1:
         raise ConfigError("need 0 < eps_min <= eps_max <= 1", field="eps")
     dev = resolve_device(device)
@@ -244,7 +240,7 @@ def train_generator(
             else:
                 d_loss = torch.zeros(())
             u = hasher(x_adv)
-            l_t = _hash_term(cfg, u, p["code"], 1.0 / u0.abs().mean(1, keepdim=True))
+            l_t = _hash_term(cfg, u, p["code"], u0, 1.0 / u0.abs().mean(1, keepdim=True))
             l_q = (x_adv - x).pow(2).mean()
             l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
             loss = a * l_t + b * l_q + c * l_d

@@ -18,6 +18,7 @@ from service.data.base import ArrayImageSet
 from service.data.transforms import random_shift_flip
 from service.device import resolve_device
 from service.nets import Hasher, build_hasher
+from service.nets.hasher import encode_uint8
 from service.training.checkpoint import load_checkpoint, save_checkpoint
 from service.training.losses import LOSSES, classification_loss
 
@@ -150,20 +151,7 @@ def train_hasher(
     return hasher.cpu(), history
 
 
-@torch.no_grad()
-def encode(
-    hasher: Hasher, images: np.ndarray | torch.Tensor, batch_size: int = 512,
-    device: str | torch.device = "cpu",
-) -> np.ndarray:
-    """Sign codes (N, K) int8 in {-1, +1} of uint8 images (N, C, H, W)."""
-    hasher.eval()
-    dev = torch.device(device) if isinstance(device, str) else device
-    hasher.to(dev)
-    imgs = torch.as_tensor(images)
-    out = []
-    for i in range(0, len(imgs), batch_size):
-        x = imgs[i:i + batch_size].to(dev).float().div_(255.0)
-        out.append(hasher.codes(x).to(torch.int8).cpu())
-    if not out:
-        return np.zeros((0, hasher.bits), dtype=np.int8)
-    return torch.cat(out).numpy()
+def encode(hasher: Hasher, images: np.ndarray | torch.Tensor, batch_size: int = 512,
+           device: str | torch.device = "cpu") -> np.ndarray:
+    """Sign codes (N, K) int8 in {-1, +1} of uint8 images (N, C, H, W) on ``device``."""
+    return encode_uint8(hasher.to(device), images, batch_size)

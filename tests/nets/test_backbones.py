@@ -6,10 +6,10 @@ from safetensors.torch import save_file
 from torchvision import models as tvm
 
 from service.errors import UnknownName
-from service.nets import NETS, build_hasher, create_net
+from service.nets import BACKBONES, build_hasher, create_backbone
 
 
-@pytest.mark.parametrize("name", NETS.names())
+@pytest.mark.parametrize("name", BACKBONES.names())
 def test_every_backbone_builds_and_exposes_features(name: str) -> None:
     size = 28 if name == "small_cnn" else 64
     channels = 1 if name == "small_cnn" else 3
@@ -38,7 +38,7 @@ def test_paper_scale_backbones_at_224px(name: str) -> None:
 
 
 def test_grayscale_input_for_torchvision_backbone() -> None:
-    net = create_net("resnet18", in_channels=1)
+    net = create_backbone("resnet18", in_channels=1)
     assert net(torch.rand(1, 1, 64, 64)).shape == (1, 512)
 
 
@@ -46,15 +46,15 @@ def test_user_supplied_torchvision_state_dict_is_loaded(tmp_path) -> None:
     ref = tvm.resnet18(weights=None)
     path = tmp_path / "r18.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    net = create_net("resnet18", state_dict_path=str(path))
+    net = create_backbone("resnet18", state_dict_path=str(path))
     assert torch.equal(net.trunk[0].weight, ref.conv1.weight)
     pth = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), pth)
-    net2 = create_net("resnet18", state_dict_path=str(pth))
+    net2 = create_backbone("resnet18", state_dict_path=str(pth))
     assert torch.equal(net2.trunk[4][0].conv1.weight, ref.layer1[0].conv1.weight)
 
 
 def test_unknown_backbone_lists_known_names() -> None:
     with pytest.raises(UnknownName) as err:
-        create_net("alexnet")
+        create_backbone("alexnet")
     assert "small_cnn" in err.value.message and "resnet50" in err.value.message
