@@ -82,6 +82,7 @@ class GeneratorConfig:
     norm: str = "batch"
     num_train: int | None = 10000
     anchor: str = "prototype"  # plus variant: "prototype" (label code) or "own" (clean code)
+    distill: float = 0.0  # weight of ||delta/eps - (-sign grad L_T(x))||^2 (FGSM direction)
     seed: int = 0
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
 
@@ -228,7 +229,8 @@ def train_generator(
             with torch.no_grad():
                 p = proto(y)
                 u0 = hasher(x)
-            x_adv = (x + generator(x, decoder(p["feature"]), eps)).clamp(0, 1)
+            delta = generator(x, decoder(p["feature"]), eps)
+            x_adv = (x + delta).clamp(0, 1)
             real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
             fake_t = torch.cat([y, torch.zeros_like(y[:, :1])], 1)
             if c > 0:
@@ -244,6 +246,15 @@ def train_generator(
             l_q = (x_adv - x).pow(2).mean()
             l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
             loss = a * l_t + b * l_q + c * l_d
+            if cfg.distill > 0:
+                # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
+                xg = x.clone().requires_grad_(True)
+                lt_x = _hash_term(cfg, hasher(xg), p["code"], u0,
+                                  1.0 / u0.abs().mean(1, keepdim=True))
+                (grad,) = torch.autograd.grad(lt_x, xg)
+                l_dist = (delta / eps + torch.sign(grad)).pow(2).mean()
+                loss = loss + cfg.distill * l_dist
+                sums["l_distill"] = sums.get("l_distill", 0.0) + l_dist.item()
             opt_g.zero_grad()
             loss.backward()
             opt_g.step()
