@@ -90,10 +90,6 @@ class AttackContext:
             h = self.prototype(labels.float())["code"]
         return torch.where(h >= 0, 1.0, -1.0)
 
-    def to(self, device: torch.device | str) -> AttackContext:
-        proto = self.prototype.to(device) if self.prototype is not None else None
-        return AttackContext(self.db_codes.to(device), self.db_labels.to(device), proto)
-
 
 class Attack(abc.ABC):
     """Base class of all attacks.
