@@ -89,14 +89,19 @@ class PerturbationGenerator(nn.Module):
         width: channels after the first conv (paper: 64).
         blocks: residual blocks (paper: 6).
         norm: "batch", "instance" or "none" (the paper's table lists none).
+        skips: U-Net style: also feed the full- and half-resolution encoder features to the
+            decoder (not in the paper; off by default, shapes then match Table 2).
     """
 
     def __init__(self, in_channels: int, width: int = 64, blocks: int = 6,
-                 cond_channels: int | None = None, norm: str = "batch") -> None:
+                 cond_channels: int | None = None, norm: str = "batch",
+                 skips: bool = False) -> None:
         super().__init__()
         c = in_channels
         cc = in_channels if cond_channels is None else cond_channels
         w = width
+        self.skips = skips
+        k = 2 if skips else 1
         self.encode = nn.Sequential(
             nn.Conv2d(c + cc, w, 7, padding=3), _norm(norm, w), nn.ReLU(inplace=True),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), _norm(norm, 2 * w), nn.ReLU(inplace=True),
@@ -107,17 +112,21 @@ class PerturbationGenerator(nn.Module):
         self.decode = nn.Sequential(
             nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1), _norm(norm, 2 * w),
             nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1), _norm(norm, w),
+            nn.ConvTranspose2d(k * 2 * w, w, 4, stride=2, padding=1), _norm(norm, w),
             nn.ReLU(inplace=True),
         )
-        self.out = nn.Conv2d(w + c, c, 3, padding=1)
+        self.out = nn.Conv2d(k * w + c, c, 3, padding=1)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None, eps: float) -> torch.Tensor:
         inp = x if cond is None else torch.cat([x, cond], dim=1)
-        h = self.decode(self.res(self.encode(inp)))
-        if h.shape[-2:] != x.shape[-2:]:
+        if inp.shape[-1] % 4 or inp.shape[-2] % 4:
             raise ValueError(f"image side {tuple(x.shape[-2:])} must be divisible by 4")
-        return eps * torch.tanh(self.out(torch.cat([h, x], dim=1)))
+        e1 = self.encode[:3](inp)
+        e2 = self.encode[3:6](e1)
+        h = self.decode[:3](self.res(self.encode[6:](e2)))
+        h = self.decode[3:](torch.cat([h, e2], 1) if self.skips else h)
+        h = torch.cat([h, e1, x], 1) if self.skips else torch.cat([h, x], 1)
+        return eps * torch.tanh(self.out(h))
 
 
 @NETS.register("label_discriminator")

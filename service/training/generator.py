@@ -82,6 +82,7 @@ class GeneratorConfig:
     norm: str = "batch"
     num_train: int | None = 10000
     anchor: str = "prototype"  # plus variant: "prototype" (label code) or "own" (clean code)
+    skips: bool = False  # U-Net skips in the generator (not in the paper)
     distill: float = 0.0  # weight of ||delta/eps - (-sign grad L_T(x))||^2 (FGSM direction)
     seed: int = 0
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
@@ -191,6 +192,8 @@ def train_generator(
     shapes = small_shapes(inp["channels"], inp["height"], inp["width"], labels.shape[1],
                           m.bits, width_mult=cfg.width)
     shapes["perturbation_generator"].update(blocks=cfg.blocks, norm=cfg.norm)
+    if cfg.skips:
+        shapes["perturbation_generator"]["skips"] = True
     torch.manual_seed(cfg.seed)
     decoder = create_net("label_decoder", **shapes["label_decoder"]).to(dev)
     generator = create_net("perturbation_generator", **shapes["perturbation_generator"]).to(dev)

@@ -137,3 +137,14 @@ def test_generator_at_paper_scale_is_constructible() -> None:
         assert d.shape == x.shape and d.abs().max() <= 0.032
         assert gen.encode[0].in_channels == 6 and gen.out.in_channels == 67
         assert disc(x).shape == (1, 81)
+
+
+def test_unet_skips_option_keeps_shapes_and_budget() -> None:
+    from service.nets import create_net
+
+    gen = create_net("perturbation_generator", in_channels=1, width=8, blocks=2, skips=True)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        d = gen(x, torch.rand(3, 1, 28, 28), 8 / 255)
+    assert d.shape == x.shape and d.abs().max() <= 8 / 255 + 1e-7
+    assert gen.out.in_channels == 2 * 8 + 1
