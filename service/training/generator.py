@@ -83,6 +83,7 @@ class GeneratorConfig:
     num_train: int | None = 10000
     anchor: str = "prototype"  # plus variant: "prototype" (label code) or "own" (clean code)
     skips: bool = False  # U-Net skips in the generator (not in the paper)
+    diversity: float = 0.0  # weight of mean cosine similarity of same-label perturbations
     distill: float = 0.0  # weight of ||delta/eps - (-sign grad L_T(x))||^2 (FGSM direction)
     seed: int = 0
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
@@ -249,6 +250,14 @@ def train_generator(
             l_q = (x_adv - x).pow(2).mean()
             l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
             loss = a * l_t + b * l_q + c * l_d
+            if cfg.diversity > 0:
+                # Against class-universal perturbations: same-label pairs should differ.
+                dn = F.normalize(delta.flatten(1), dim=1)
+                same = ((y @ y.t()) > 0).float()
+                same.fill_diagonal_(0)
+                l_div = (dn @ dn.t() * same).sum() / same.sum().clamp(min=1)
+                loss = loss + cfg.diversity * l_div
+                sums["l_div"] = sums.get("l_div", 0.0) + l_div.item()
             if cfg.distill > 0:
                 # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
                 xg = x.clone().requires_grad_(True)
