@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from service.errors import BundleError, UnknownName
+from service.errors import UnknownName
 from service.store.bundle import MANIFEST, Bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,3 @@ class ModelStore:
                 log.info("loading bundle %s from %s", name, path)
                 self._cache[name] = load_bundle(path, self.device)
             return self._cache[name]
-
-    def load_all(self) -> dict[str, Bundle]:
-        """Load every bundle; a broken one is logged and skipped, not fatal to the others."""
-        out = {}
-        for name in self.names():
-            try:
-                out[name] = self.get(name)
-            except BundleError as exc:
-                log.error("skipping bundle %s: %s", name, exc)
-        return out

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from service.attacks.base import scale_for
 from service.device import resolve_device
 from service.errors import ConfigError
 from service.nets import create_net
@@ -233,6 +234,7 @@ def train_generator(
             with torch.no_grad():
                 p = proto(y)
                 u0 = hasher(x)
+                scale = scale_for(u0)
             delta = generator(x, decoder(p["feature"]), eps)
             x_adv = (x + delta).clamp(0, 1)
             real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
@@ -246,7 +248,7 @@ def train_generator(
             else:
                 d_loss = torch.zeros(())
             u = hasher(x_adv)
-            l_t = _hash_term(cfg, u, p["code"], u0, 1.0 / u0.abs().mean(1, keepdim=True))
+            l_t = _hash_term(cfg, u, p["code"], u0, scale)
             l_q = (x_adv - x).pow(2).mean()
             l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
             loss = a * l_t + b * l_q + c * l_d
@@ -261,8 +263,7 @@ def train_generator(
             if cfg.distill > 0:
                 # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
                 xg = x.clone().requires_grad_(True)
-                lt_x = _hash_term(cfg, hasher(xg), p["code"], u0,
-                                  1.0 / u0.abs().mean(1, keepdim=True))
+                lt_x = _hash_term(cfg, hasher(xg), p["code"], u0, scale)
                 (grad,) = torch.autograd.grad(lt_x, xg)
                 l_dist = (delta / eps + torch.sign(grad)).pow(2).mean()
                 loss = loss + cfg.distill * l_dist

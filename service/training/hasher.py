@@ -17,6 +17,7 @@ from tqdm import tqdm
 from service.data.base import ArrayImageSet
 from service.data.transforms import random_shift_flip
 from service.device import resolve_device
+from service.errors import ConfigError
 from service.nets import Hasher, build_hasher
 from service.nets.hasher import encode_uint8
 from service.training.checkpoint import load_checkpoint, save_checkpoint
@@ -54,8 +55,6 @@ class HasherConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            from service.errors import ConfigError
-
             raise ConfigError(f"unknown hasher config keys: {sorted(unknown)}", field="hasher")
         return cls(**d)
 
