@@ -29,8 +29,8 @@ from service.config import get_settings  # noqa: E402
 from service.errors import AttackInputError  # noqa: E402
 from service.evaluation import protocol_record, retrieval_figures  # noqa: E402
 from service.nets.hasher import encode_uint8  # noqa: E402
+from service.parsing import parse_eps  # noqa: E402
 from service.store import ModelStore  # noqa: E402
-from service.training.cli import parse_eps  # noqa: E402
 
 
 def perceptibility(adv: np.ndarray, clean: np.ndarray) -> dict[str, float]:

@@ -87,25 +87,6 @@ def cmd_train(argv: list[str]) -> int:
     return train_main(argv)
 
 
-def _label_vector(text: str, class_names: list[str], field: str) -> list[int]:
-    """'0,3' or 'Coat,Bag' -> multi-hot list; errors name the bad value."""
-    from service.errors import AttackInputError
-
-    vec = [0] * len(class_names)
-    for tok in [t.strip() for t in text.split(",") if t.strip()]:
-        if tok.isdigit() and int(tok) < len(class_names):
-            vec[int(tok)] = 1
-        elif tok in class_names:
-            vec[class_names.index(tok)] = 1
-        else:
-            raise AttackInputError(
-                f"{field}: {tok!r} is neither a class index 0..{len(class_names) - 1} nor a "
-                f"class name ({', '.join(class_names)})", field=field)
-    if not any(vec):
-        raise AttackInputError(f"{field}: give at least one label", field=field)
-    return vec
-
-
 def cmd_attack(argv: list[str]) -> int:
     import numpy as np
     from PIL import Image
@@ -114,7 +95,7 @@ def cmd_attack(argv: list[str]) -> int:
     from service.attacks.runner import attack_batch
     from service.data.base import decode_image
     from service.device import resolve_device
-    from service.training.cli import parse_eps
+    from service.parsing import label_vector, parse_eps
 
     p = argparse.ArgumentParser(
         prog="hashaudit attack",
@@ -141,9 +122,9 @@ def cmd_attack(argv: list[str]) -> int:
     names = m.class_names
     labels = target = None
     if args.labels:
-        labels = np.array([_label_vector(args.labels, names, "labels")] * len(imgs), np.uint8)
+        labels = np.stack([label_vector(args.labels, names, "labels")] * len(imgs))
     if args.target:
-        target = np.array([_label_vector(args.target, names, "target")] * len(imgs), np.uint8)
+        target = np.stack([label_vector(args.target, names, "target")] * len(imgs))
     res = attack_batch(bundle, args.method, args.eps, imgs, labels, target, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

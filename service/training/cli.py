@@ -15,6 +15,7 @@ from pathlib import Path
 
 from service.config import get_settings
 from service.errors import HashAuditError
+from service.parsing import parse_eps
 from service.training.bundle import build_bundle, read_config
 from service.training.generator import GeneratorConfig, train_generator
 from service.training.hasher import HasherConfig
@@ -83,17 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     _common(g)
     return parser
-
-
-def parse_eps(text: str) -> float:
-    """'8/255' or '0.0314' -> float."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an eps: {text!r} (use 8/255 or 0.031)") from None
 
 
 def _config_from_args(args: argparse.Namespace) -> dict:

@@ -1,0 +1,72 @@
+"""Parsing of user-facing values shared by the CLI, the API and the jobs: eps and label sets."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from service.errors import AttackInputError
+
+
+def eps_value(text: str | float, field: str = "eps") -> float:
+    """'8/255', '0.0314' or a number -> float in (0, 1]; errors name ``field``."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            if "/" in s:
+                num, den = s.split("/", 1)
+                value = float(num) / float(den)
+            else:
+                value = float(s)
+        except (ValueError, ZeroDivisionError):
+            raise AttackInputError(
+                f"{field}: {text!r} is not an eps (write 8/255 or 0.0314)", field=field
+            ) from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise AttackInputError(f"{field}: must lie in (0, 1], got {text!r}", field=field)
+    return value
+
+
+def parse_eps(text: str) -> float:
+    """argparse type for eps: '8/255' or '0.0314' -> float."""
+    try:
+        return eps_value(text)
+    except AttackInputError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def label_tokens(values: str | Iterable[str]) -> list[str]:
+    """Split '0,3' / ['0', 'Coat,Bag'] into stripped, non-empty tokens."""
+    items = [values] if isinstance(values, str) else list(values)
+    return [t.strip() for item in items for t in str(item).split(",") if t.strip()]
+
+
+def label_vector(values: str | Iterable[str], class_names: Sequence[str],
+                 field: str = "labels") -> np.ndarray:
+    """Class indices or names -> multi-hot ``uint8`` vector; errors name the bad value.
+
+    Raises:
+        AttackInputError: a token is neither an index in range nor a class name, or no label
+            was given. ``field`` is the offending input's name.
+    """
+    names = list(class_names)
+    vec = np.zeros(len(names), np.uint8)
+    tokens = label_tokens(values)
+    for tok in tokens:
+        if tok.lstrip("+-").isdigit() and not tok.startswith(("+", "-")) and int(tok) < len(names):
+            vec[int(tok)] = 1
+        elif tok in names:
+            vec[names.index(tok)] = 1
+        else:
+            raise AttackInputError(
+                f"{field}: {tok!r} is neither a class index 0..{len(names) - 1} nor a class "
+                f"name ({', '.join(names)})", field=field)
+    if not tokens:
+        raise AttackInputError(f"{field}: give at least one label (index or class name)",
+                               field=field)
+    return vec
