@@ -5,6 +5,8 @@
     hashaudit bundles                   list the bundles in the model store
     hashaudit attack --bundle B --method M --eps E --labels L IMAGES...
                                         attack images; writes PNGs and a JSON of codes
+    hashaudit serve [--host H] [--port P]
+                                        run the REST API (Swagger UI at /docs)
 """
 
 from __future__ import annotations
@@ -142,7 +144,37 @@ def cmd_attack(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attack": cmd_attack}
+def cmd_serve(argv: list[str]) -> int:
+    """Run the REST API with uvicorn (one process; the micro-batcher needs one model copy)."""
+    import uvicorn
+
+    settings = get_settings()
+    p = argparse.ArgumentParser(
+        prog="hashaudit serve",
+        description="Serve the bundles of the model store over HTTP (Swagger UI at /docs). "
+                    "Every HASHAUDIT_* setting applies (see README).")
+    p.add_argument("--host", default=settings.host, help="default: $HASHAUDIT_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, default=settings.port,
+                   help="default: $HASHAUDIT_PORT or 8000")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log every request (saves CPU under heavy load)")
+    args = p.parse_args(argv)
+    from service.api import create_app
+
+    app = create_app(settings)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"HashAudit {app.version}: serving {settings.model_store} "
+          f"(default bundle {settings.default_bundle})\n"
+          f"  Swagger UI: http://{shown}:{args.port}/docs\n"
+          f"  ready when: http://{shown}:{args.port}/health/ready answers 200", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=not args.no_access_log, timeout_graceful_shutdown=10)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attack": cmd_attack,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

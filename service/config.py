@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +19,17 @@ class Settings(BaseSettings):
         default_bundle: bundle used when a request or command names none.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         fmnist_dir: folder of the Fashion-MNIST IDX files.
+        host / port: where ``hashaudit serve`` listens.
+        api_keys: comma-separated keys; when set, every endpoint but ``/health/*`` needs one
+            (``Authorization: Bearer <key>`` or ``X-API-Key: <key>``).
+        max_batch / max_delay_ms: micro-batcher: the most requests run in one forward pass,
+            and how long the first waits for company.
+        max_queue: requests waiting for inference before new ones get 503 + Retry-After.
+        max_upload_bytes: request body limit (413 above it).
+        max_pixels: decoded image limit (413 above it; stops decompression bombs).
+        max_top_k: upper bound of ``top_k``.
+        attack_seed: seed of random starts in served attacks.
+        redis_url: Redis for audit jobs; empty runs audits in-process.
     """
 
     model_config = SettingsConfigDict(env_prefix="HASHAUDIT_", env_file=".env", extra="ignore")
@@ -26,6 +38,21 @@ class Settings(BaseSettings):
     default_bundle: str = "fmnist-dpsh-32"
     device: str = "auto"
     fmnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: str = ""
+    max_batch: int = Field(32, ge=1, le=1024)
+    max_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0)
+    max_queue: int = Field(512, ge=1)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(4096 * 4096, ge=1)
+    max_top_k: int = Field(100, ge=1, le=10_000)
+    attack_seed: int = 0
+    redis_url: str = ""
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -35,6 +35,12 @@ class UnknownName(HashAuditError):
     code = "unknown_name"
 
 
+class InvalidName(UnknownName):
+    """A name that could never be valid (path characters, ``..``); refused before any lookup."""
+
+    code = "invalid_name"
+
+
 class BundleError(HashAuditError):
     """A model bundle is missing, incomplete, tampered with or of another version."""
 
@@ -57,3 +63,37 @@ class AttackInputError(HashAuditError):
     """An attack was asked for with what it cannot use (labels, target, eps, options)."""
 
     code = "bad_attack_input"
+
+
+class BadInput(HashAuditError):
+    """A request value is invalid (the API answers 422 naming ``field``)."""
+
+    code = "bad_input"
+
+
+class BadImage(BadInput):
+    """An upload is empty or claims to be an image but cannot be decoded."""
+
+    code = "bad_image"
+
+
+class UnsupportedImageType(BadInput):
+    """An upload is not a PNG or JPEG by its content (the API answers 415)."""
+
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(BadInput):
+    """An upload exceeds the byte limit or an image the pixel limit (the API answers 413)."""
+
+    code = "payload_too_large"
+
+
+class Busy(HashAuditError):
+    """The inference queue is full or models are still loading (the API answers 503)."""
+
+    code = "busy"
+
+    def __init__(self, message: str, field: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, field)
+        self.retry_after = retry_after

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from service.errors import UnknownName
+from service.errors import InvalidName, UnknownName
 from service.store.bundle import MANIFEST, Bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def check_bundle_name(name: str, field: str = "model") -> str:
     """Reject names that could reach outside the store (``..``, slashes, odd characters)."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise UnknownName(
+        raise InvalidName(
             f"invalid bundle name {name!r}: use letters, digits, '.', '_' and '-' only",
             field=field,
         )

@@ -1,0 +1,151 @@
+"""create_app(): the FastAPI application, its lifespan (load + warm bundles) and middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.batching import MicroBatcher
+from service.api.errors import install_error_handlers
+from service.api.limits import BodyLimitMiddleware
+from service.api.metrics import Metrics, MetricsMiddleware
+from service.config import Settings, get_settings
+from service.device import resolve_device
+from service.errors import HashAuditError
+from service.inference import BundleService
+from service.store import ModelStore
+
+log = logging.getLogger("service.api")
+
+DESCRIPTION = """\
+HashAudit serves frozen deep-hashing bundles and attacks them.
+
+* **POST /attack**: upload a PNG/JPEG and its labels; get the adversarial image (base64 PNG at
+  the model's input size), clean and adversarial codes, Hamming distances and the top-k
+  gallery hits before and after.
+* **POST /encode**: code and top-k hits of an image, no attack.
+* **GET /models**: bundles, classes, bits, attacks and their eps, evaluation figures.
+
+Errors are JSON `{"error": {"code", "message", "field"}}`. When the server runs with
+`HASHAUDIT_API_KEYS`, send `Authorization: Bearer <key>` or `X-API-Key: <key>` (the
+**Authorize** button here) to every endpoint except `/health/*`.
+"""
+
+
+@dataclass
+class AppState:
+    """What the routes share (``app.state.hashaudit``)."""
+
+    settings: Settings
+    store: ModelStore
+    metrics: Metrics
+    batcher: MicroBatcher
+    services: dict[str, BundleService] = field(default_factory=dict)
+    load_errors: dict[str, str] = field(default_factory=dict)
+    loading: bool = True
+    started_at: float = field(default_factory=time.time)
+    device: str = "cpu"
+
+    @property
+    def ready(self) -> bool:
+        return (not self.loading and self.settings.default_bundle in self.services)
+
+    def run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
+        """Micro-batcher runner (inference thread): key = (model, kind, method, eps)."""
+        model, kind, method, eps = key  # type: ignore[misc]
+        svc = self.services[model]
+        if kind == "encode":
+            return svc.encode(items)
+        return svc.attack(method, eps, items)
+
+    def load_all(self) -> None:
+        """Load, verify and warm every bundle in the store; a broken one is logged and skipped."""
+        names = self.store.names()
+        if not names:
+            log.error("no bundles in %s", self.store.root)
+        for name in names:
+            try:
+                t0 = time.perf_counter()
+                svc = BundleService(self.store.get(name), seed=self.settings.attack_seed)
+                svc.warmup()
+                self.services[name] = svc
+                log.info("bundle %s ready on %s in %.1f s", name, self.device,
+                         time.perf_counter() - t0)
+            except HashAuditError as exc:
+                self.load_errors[name] = exc.message
+                log.error("bundle %s not served: %s", name, exc.message)
+            except Exception as exc:  # noqa: BLE001 - one bad bundle must not stop the rest
+                self.load_errors[name] = f"{type(exc).__name__}: {exc}"
+                log.exception("bundle %s not served", name)
+        self.metrics.models.set(len(self.services))
+        if self.settings.default_bundle not in self.services:
+            log.error("default bundle %s is not loaded; /health/ready will answer 503",
+                      self.settings.default_bundle)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Bundles load in the lifespan, in the background: ``/health/live``
+    answers at once and ``/health/ready`` turns 200 when the default bundle is warm."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    device = str(resolve_device(settings.device))
+
+    def on_batch(key: Hashable, size: int, seconds: float) -> None:
+        model, kind = key[0], key[1]  # type: ignore[index]
+        metrics.observe_batch(kind, model, size, seconds)
+
+    batcher = MicroBatcher(
+        lambda key, items: state.run_batch(key, items),
+        max_batch=settings.max_batch, max_delay_ms=settings.max_delay_ms,
+        max_queue=settings.max_queue, on_batch=on_batch, on_depth=metrics.queue_depth.set,
+        on_reject=metrics.queue_rejected.inc)
+    state = AppState(settings=settings, store=ModelStore(settings.model_store, device),
+                     metrics=metrics, batcher=batcher, device=device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        log.info("loading bundles from %s on %s", settings.model_store, device)
+
+        async def load() -> None:
+            try:
+                await batcher.run_in_thread(state.load_all)
+            finally:
+                state.loading = False
+                metrics.ready.set(1 if state.ready else 0)
+
+        loader = asyncio.create_task(load(), name="load-bundles")
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await batcher.stop()
+
+    app = FastAPI(
+        title="HashAudit", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        openapi_tags=[
+            {"name": "attack", "description": "Attack or encode one image"},
+            {"name": "models", "description": "Bundles and their gallery"},
+            {"name": "health", "description": "Liveness, readiness, metrics"},
+        ],
+    )
+    app.state.hashaudit = state
+    install_error_handlers(app, metrics.error)
+
+    from service.api.routes import attack, health, models
+
+    app.include_router(attack.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       on_reject=metrics.error)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Requests, latencies, errors, batch sizes, queue depth and inference time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("hashaudit_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("hashaudit_request_seconds", "HTTP request latency",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("hashaudit_errors", "Error responses by error code", ["code"],
+                              registry=r)
+        self.batch_size = Histogram("hashaudit_batch_size", "Requests per inference batch",
+                                    ["kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.batches = Counter("hashaudit_batches", "Inference batches run", ["kind", "model"],
+                               registry=r)
+        self.inference = Histogram("hashaudit_inference_seconds", "Wall time per batch",
+                                   ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("hashaudit_queue_depth",
+                                 "Requests waiting for the inference thread", registry=r)
+        self.queue_rejected = Counter("hashaudit_queue_rejected",
+                                      "Requests refused because the queue was full", registry=r)
+        self.models = Gauge("hashaudit_models_loaded", "Bundles loaded and warmed", registry=r)
+        self.ready = Gauge("hashaudit_ready", "1 when /health/ready answers 200", registry=r)
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def observe_batch(self, kind: str, model: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(kind).observe(size)
+        self.batches.labels(kind, model).inc()
+        self.inference.labels(kind).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts every HTTP request by route template and status."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope.get("method", ""), path, str(status["code"])).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)

@@ -1,0 +1,42 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from service.api.deps import get_state, require_api_key
+from service.api.responses import JSON
+from service.api.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", response_model=Health, summary="The process is up")
+async def live(request: Request) -> JSON:
+    state = get_state(request)
+    return JSON({"status": "ok", "detail": {"uptime_s": time.time() - state.started_at}})
+
+
+@router.get("/health/ready", response_model=Health, responses={503: {"model": Health}},
+            summary="Bundles loaded and warmed (503 otherwise)")
+async def ready(request: Request) -> JSON:
+    state = get_state(request)
+    detail = {"loading": state.loading, "device": state.device,
+              "models": sorted(state.services), "failed": state.load_errors,
+              "default": state.settings.default_bundle, "queue_depth": state.batcher.depth}
+    if state.ready:
+        return JSON({"status": "ready", "detail": detail})
+    why = "loading" if state.loading else "default bundle not loaded"
+    return JSON({"status": why, "detail": detail}, status_code=503,
+                headers={"Retry-After": "2"})
+
+
+@router.get("/metrics", dependencies=[Depends(require_api_key)], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+            summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,411 @@
+"""The serving pipeline without HTTP: decode an upload, attack, hash, search, build the answer.
+
+The API (``service.api``) calls it from its micro-batcher; ``benchmarks/service.py`` calls it
+in-process with the same batching to measure what HTTP costs. Nothing here knows about
+FastAPI.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from service.attacks import ATTACKS
+from service.attacks.factory import bundle_context
+from service.attacks.runner import attack_batch
+from service.errors import (
+    AttackInputError,
+    BadImage,
+    PayloadTooLarge,
+    UnknownName,
+    UnsupportedImageType,
+)
+from service.nets.hasher import encode_uint8
+from service.parsing import eps_value
+from service.retrieval.codes import codes_to_hex, pack_bits
+from service.retrieval.ranking import topk
+from service.store.bundle import Bundle
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+MODES = {1: "L", 3: "RGB"}
+DEFAULT_EPS = 8 / 255
+FALLBACK_MAX_EPS = 0.1  # bundles without a trained generator
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def sniff_image(data: bytes, field: str = "image") -> str:
+    """The upload's format by its first bytes: ``png`` or ``jpeg``.
+
+    Raises:
+        BadImage: the upload is empty.
+        UnsupportedImageType: the bytes are neither PNG nor JPEG (whatever the file name says).
+    """
+    if not data:
+        raise BadImage(f"{field}: the uploaded file is empty", field=field)
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    raise UnsupportedImageType(
+        f"{field}: not a PNG or JPEG image (checked by content, not by name or header)",
+        field=field)
+
+
+def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixels: int,
+                  field: str = "image") -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode PNG/JPEG bytes to the model input: ``uint8`` (C, H, W) and what was done.
+
+    The pixel count is checked from the header before any pixel is decoded, so a
+    decompression bomb costs nothing. The image is converted to the model's mode (``L`` or
+    ``RGB``) and, when its size differs, resized bilinearly to ``height`` x ``width``
+    (aspect ratio not kept). The first frame of an animated image is used.
+    """
+    fmt = sniff_image(data, field)
+    try:
+        img = Image.open(io.BytesIO(data), formats=["PNG" if fmt == "png" else "JPEG"])
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"{field}: cannot read the {fmt.upper()} header: {exc}",
+                       field=field) from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise BadImage(f"{field}: image has no pixels ({w}x{h})", field=field)
+    if w * h > max_pixels:
+        raise PayloadTooLarge(
+            f"{field}: image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
+            field=field)
+    mode = MODES[channels]
+    try:
+        img.load()
+        out = img.convert(mode) if img.mode != mode else img
+        resized = (w, h) != (width, height)
+        if resized:
+            out = out.resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(out, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"{field}: cannot decode the {fmt.upper()} image: {exc}",
+                       field=field) from None
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    info = {
+        "format": fmt, "received_size": [w, h], "received_mode": img.mode,
+        "converted_to": mode if img.mode != mode else None,
+        "resized": resized,
+        "resize": f"bilinear to {width}x{height} (aspect ratio not kept)" if resized else None,
+        "model_input": {"channels": channels, "height": height, "width": width},
+    }
+    return np.ascontiguousarray(pixels), info
+
+
+def encode_png(chw: np.ndarray) -> bytes:
+    """uint8 (C, H, W) -> PNG bytes (lossless; ``L`` or ``RGB``)."""
+    arr = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr), mode=MODES[chw.shape[0]]).save(
+        buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def perturbation_stats(clean: np.ndarray, adv: np.ndarray) -> dict[str, Any]:
+    """L-inf (in [0, 1] and in grey levels), RMSE (in [0, 1]) and PSNR (dB, peak 1)."""
+    d = adv.astype(np.float64) - clean.astype(np.float64)
+    linf = float(np.abs(d).max()) if d.size else 0.0
+    rmse = float(np.sqrt(np.mean(d ** 2))) / 255.0 if d.size else 0.0
+    psnr = None if rmse == 0 else 20.0 * math.log10(1.0 / rmse)
+    return {"linf": linf / 255.0, "linf_levels": int(round(linf)), "rmse": rmse,
+            "psnr_db": psnr}
+
+
+def code_json(code: np.ndarray) -> dict[str, str]:
+    """A +-1 code as hex (first bit = most significant) and as a '0'/'1' string (+1 -> '1')."""
+    return {"hex": codes_to_hex(code), "bits": "".join("1" if b > 0 else "0" for b in code)}
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass
+class Query:
+    """One decoded request for the pipeline.
+
+    Attributes:
+        image: uint8 (C, H, W) at the bundle's input size.
+        labels: multi-hot uint8 (C,) or None (encode without labels).
+        target: multi-hot target labels for targeted methods, else None.
+        top_k: number of gallery hits to return.
+        preprocess: what decoding did (from :func:`decode_upload`).
+    """
+
+    image: np.ndarray
+    labels: np.ndarray | None = None
+    target: np.ndarray | None = None
+    top_k: int = 10
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.perf_counter)
+
+
+class BundleService:
+    """A loaded bundle ready to serve: method/eps checks, batched attack + search, thumbnails.
+
+    Calls that run models (:meth:`attack`, :meth:`encode`, :meth:`warmup`) must come from
+    one thread at a time (the API's inference thread).
+    """
+
+    def __init__(self, bundle: Bundle, seed: int = 0, thumb_cache: int = 2048) -> None:
+        self.bundle = bundle
+        self.seed = seed
+        m = bundle.manifest
+        self.classes = m.class_names
+        self.bits = m.bits
+        self.input = m.input
+        self.generators = sorted({g["attack"] for g in m.generators})
+        self.max_eps = max((g["eps"] for g in m.generators), default=FALLBACK_MAX_EPS)
+        self.default_method = (
+            "untargeted_gan" if "untargeted_gan" in self.generators
+            else self.generators[0] if self.generators else "pgd")
+        self._id_to_index = {int(i): n for n, i in enumerate(bundle.gallery.ids)}
+        self._db_packed = np.ascontiguousarray(bundle.gallery.codes_packed)
+        self._db_labels = bundle.gallery.labels.astype(np.float32)
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumb_cache = thumb_cache
+        self._thumb_lock = threading.Lock()
+        self._proto_cache: dict[bytes, np.ndarray] = {}
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    # ---- checks (cheap; called on the event loop before a request is queued)
+
+    def methods(self) -> list[str]:
+        """Registered attacks this bundle can run (generator attacks only if trained in)."""
+        from service.attacks.generator import GeneratorAttack
+
+        return [n for n in ATTACKS.names()
+                if not issubclass(ATTACKS.get(n), GeneratorAttack) or n in self.generators]
+
+    def check_method(self, method: str | None) -> str:
+        method = method or self.default_method
+        names = self.methods()
+        if method not in names:
+            extra = ""
+            if method in ATTACKS.names():
+                extra = f" ({method} is registered but bundle {self.name} has no generator for it)"
+            raise UnknownName(f"method: unknown method {method!r}{extra}; this bundle offers: "
+                              f"{', '.join(names)}", field="method")
+        return method
+
+    def check_eps(self, eps: str | float | None) -> float:
+        value = DEFAULT_EPS if eps in (None, "") else eps_value(eps, "eps")
+        if value > self.max_eps + 1e-9:
+            raise AttackInputError(
+                f"eps: {value:.4f} exceeds this bundle's maximum {self.max_eps:.4f} "
+                f"({self.max_eps * 255:.1f}/255)", field="eps")
+        return value
+
+    def labels_for(self, values: Any, field: str = "labels") -> np.ndarray:
+        from service.parsing import label_vector
+
+        return label_vector(values, self.classes, field)
+
+    def check_attack_inputs(self, method: str, labels: np.ndarray | None,
+                            target: np.ndarray | None) -> None:
+        cls = ATTACKS.get(method, field="method")
+        if labels is None:
+            raise AttackInputError("labels: give the query's labels (class indices or names)",
+                                   field="labels")
+        if cls.targeted and target is None:
+            raise AttackInputError(f"target: {method} is targeted; give a target label",
+                                   field="target")
+        if not cls.targeted and target is not None:
+            raise AttackInputError(f"target: {method} is untargeted; leave target empty",
+                                   field="target")
+
+    # ---- models (inference thread)
+
+    def _prototype_codes(self, labels: np.ndarray) -> tuple[np.ndarray, str]:
+        ctx = bundle_context(self.bundle)
+        out = []
+        for row in labels:
+            key = row.tobytes()
+            if key not in self._proto_cache:
+                t = torch.from_numpy(row[None].astype(np.float32)).to(self.bundle.device)
+                self._proto_cache[key] = ctx.prototype_codes(t)[0].cpu().numpy().astype(np.int8)
+            out.append(self._proto_cache[key])
+        source = "prototype_net" if ctx.prototype is not None else "database_vote"
+        return np.stack(out), source
+
+    def _hits(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return topk(pack_bits(codes), self._db_packed, k)
+
+    def _hit_rows(self, idx: np.ndarray, dist: np.ndarray, labels: np.ndarray | None,
+                  target: np.ndarray | None) -> tuple[list[dict[str, Any]], float | None]:
+        g = self.bundle.gallery
+        rows, rel_count = [], 0
+        for i, d in zip(idx.tolist(), dist.tolist(), strict=True):
+            gid = int(g.ids[i])
+            hit_labels = g.labels[i]
+            row: dict[str, Any] = {
+                "id": gid, "labels": [self.classes[j] for j in np.flatnonzero(hit_labels)],
+                "hamming": int(d), "thumbnail_url": f"/gallery/{self.name}/{gid}.png"}
+            if labels is not None:
+                rel = bool((hit_labels & labels).any())
+                rel_count += rel
+                row["relevant"] = rel
+            if target is not None:
+                row["matches_target"] = bool((hit_labels & target).any())
+            rows.append(row)
+        prec = rel_count / len(rows) if labels is not None and rows else None
+        return rows, prec
+
+    def _names(self, vec: np.ndarray | None) -> list[str] | None:
+        return None if vec is None else [self.classes[j] for j in np.flatnonzero(vec)]
+
+    def _model_json(self) -> dict[str, str]:
+        m = self.bundle.manifest
+        return {"name": m.name, "version": m.version, "sha": self.bundle.sha}
+
+    def encode(self, queries: list[Query]) -> list[dict[str, Any]]:
+        """Code and top-k hits of each query (no attack)."""
+        t0 = time.perf_counter()
+        images = np.stack([q.image for q in queries])
+        codes = encode_uint8(self.bundle.hasher, images)
+        t1 = time.perf_counter()
+        k = max(q.top_k for q in queries)
+        idx, dist = self._hits(codes, k)
+        t2 = time.perf_counter()
+        out = []
+        for n, q in enumerate(queries):
+            hits, prec = self._hit_rows(idx[n, :q.top_k], dist[n, :q.top_k], q.labels, None)
+            out.append({
+                "model": self._model_json(), "labels": self._names(q.labels),
+                "preprocess": q.preprocess, "code": code_json(codes[n]), "bits": self.bits,
+                "top_k": q.top_k, "hits": hits, "precision_at_k": prec,
+                "batch_size": len(queries),
+                "timings_ms": {"hash": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3},
+            })
+        return out
+
+    def attack(self, method: str, eps: float, queries: list[Query]) -> list[dict[str, Any]]:
+        """Attack, re-hash, search before/after and build one answer per query."""
+        images = np.stack([q.image for q in queries])
+        labels = np.stack([q.labels for q in queries])  # checked before queueing
+        targeted = ATTACKS.get(method).targeted
+        target = np.stack([q.target for q in queries]) if targeted else None
+        t0 = time.perf_counter()
+        res = attack_batch(self.bundle, method, eps, images, labels, target, seed=self.seed)
+        t1 = time.perf_counter()
+        k = max(q.top_k for q in queries)
+        both = np.concatenate([res.clean_codes, res.adv_codes])
+        idx, dist = self._hits(both, k)
+        protos, source = self._prototype_codes(labels)
+        tprotos = self._prototype_codes(target)[0] if target is not None else None
+        t2 = time.perf_counter()
+        b = len(queries)
+        out = []
+        for n, q in enumerate(queries):
+            clean_c, adv_c = res.clean_codes[n], res.adv_codes[n]
+            hits_c, prec_c = self._hit_rows(idx[n, :q.top_k], dist[n, :q.top_k], q.labels,
+                                            q.target)
+            hits_a, prec_a = self._hit_rows(idx[b + n, :q.top_k], dist[b + n, :q.top_k],
+                                            q.labels, q.target)
+            hamming = {
+                "clean_vs_adversarial": int(res.hamming[n]),
+                "clean_vs_prototype": int((clean_c != protos[n]).sum()),
+                "adversarial_vs_prototype": int((adv_c != protos[n]).sum()),
+                "prototype_source": source,
+            }
+            if tprotos is not None:
+                hamming["adversarial_vs_target_prototype"] = int((adv_c != tprotos[n]).sum())
+            out.append({
+                "model": self._model_json(), "method": method, "eps": eps,
+                "eps_levels": math.floor(eps * 255 + 1e-6), "seed": self.seed,
+                "labels": self._names(q.labels), "target": self._names(q.target),
+                "preprocess": q.preprocess,
+                "adversarial_png": base64.b64encode(encode_png(res.adversarial[n])).decode(),
+                "codes": {"clean": code_json(clean_c), "adversarial": code_json(adv_c)},
+                "bits": self.bits, "hamming": hamming, "top_k": q.top_k,
+                "hits": {"clean": hits_c, "adversarial": hits_a},
+                "precision_at_k": {"clean": prec_c, "adversarial": prec_a},
+                "perturbation": perturbation_stats(q.image, res.adversarial[n]),
+                "batch_size": b,
+                "timings_ms": {"attack": res.seconds * 1e3,
+                               "hash": (t1 - t0 - res.seconds) * 1e3,
+                               "search": (t2 - t1) * 1e3},
+            })
+        return out
+
+    def warmup(self) -> None:
+        """Run the default method and an encode once so the first request is not slow."""
+        q = self.bundle.queries
+        if len(q) == 0:
+            return
+        query = Query(image=q.images[0], labels=q.labels[0], top_k=1)
+        self.encode([query])
+        self.attack(self.default_method, min(DEFAULT_EPS, self.max_eps), [query])
+
+    # ---- thumbnails (any thread)
+
+    def thumbnail_png(self, item_id: int) -> bytes:
+        idx = self._id_to_index.get(int(item_id))
+        if idx is None:
+            raise UnknownName(f"id: gallery of {self.name} has no item {item_id}", field="id")
+        with self._thumb_lock:
+            png = self._thumbs.get(idx)
+            if png is not None:
+                self._thumbs.move_to_end(idx)
+                return png
+        png = encode_png(self.bundle.gallery.thumbnails[idx])
+        with self._thumb_lock:
+            self._thumbs[idx] = png
+            while len(self._thumbs) > self._thumb_cache:
+                self._thumbs.popitem(last=False)
+        return png
+
+    def summary(self, detail: bool = False) -> dict[str, Any]:
+        """Manifest summary for /models."""
+        m = self.bundle.manifest
+        ev = m.evaluation.get("figures", {})
+        out: dict[str, Any] = {
+            "name": m.name, "version": m.version, "sha": self.bundle.sha,
+            "created_at": m.created_at, "bits": self.bits,
+            "hasher": {k: m.hasher.get(k) for k in ("family", "arch", "bits")},
+            "classes": self.classes, "input": self.input,
+            "dataset": m.dataset.get("name"),
+            "gallery_size": len(self.bundle.gallery), "query_size": len(self.bundle.queries),
+            "default_method": self.default_method, "max_eps": self.max_eps,
+            "attacks": [self._method_json(n) for n in self.methods()],
+            "evaluation": {k: ev.get(k) for k in ("map_all", "map_1000", "p_r2",
+                                                  "num_queries", "num_database")},
+        }
+        if detail:
+            out["evaluation"] = {"protocol": m.evaluation.get("protocol"), "figures": ev}
+            out["dataset"] = {k: v for k, v in m.dataset.items() if k != "splits"}
+            out["training"] = {"command": m.training.get("command")}
+            out["package_version"] = m.package_version
+        return out
+
+    def _method_json(self, name: str) -> dict[str, Any]:
+        cls = ATTACKS.get(name)
+        row: dict[str, Any] = {
+            "name": name, "targeted": cls.targeted, "needs_labels": cls.needs_labels,
+            "kind": "iterative" if cls.iterative else "generator",
+            "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+            "max_eps": self.max_eps,
+        }
+        if not cls.iterative:
+            gens = [g for g in self.bundle.manifest.generators if g["attack"] == name]
+            row["trained_eps"] = [g["eps"] for g in gens]
+            row["eps_range"] = [g.get("training", {}).get("eps_range") for g in gens]
+        return row
