@@ -38,3 +38,21 @@ def tiny_bundle_copy(tiny_store: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "tiny"
     shutil.copytree(tiny_store / "tiny", dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def api_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real ``hashaudit serve`` process on the tiny store (HTTP on a free port)."""
+    from helpers import ServerProcess
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(tiny_store, log, env={"HASHAUDIT_MAX_DELAY_MS": "30"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_store: Path):
+    """The tiny bundle loaded in the test process (to recompute what the server reports)."""
+    from service.store import ModelStore
+
+    return ModelStore(tiny_store, "cpu").get("tiny")

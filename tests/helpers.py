@@ -27,3 +27,64 @@ def needs_fmnist() -> None:
     if not (FMNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.fail(f"Fashion-MNIST not found in {FMNIST_DIR}: run `make data` "
                     "(apt-get install -y dataset-fashion-mnist)")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``hashaudit serve`` in a subprocess on a free port; waits until /health/ready is 200.
+
+    Use as a context manager; ``url`` is the base URL, ``log`` the server's output file.
+    """
+
+    def __init__(self, store: Path, log: Path, default_bundle: str = "tiny",
+                 env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = {**os.environ, "HASHAUDIT_MODEL_STORE": str(store),
+                    "HASHAUDIT_DEFAULT_BUNDLE": default_bundle, "HASHAUDIT_DEVICE": "cpu",
+                    "OMP_NUM_THREADS": "1", **(env or {})}
+        self.ready_timeout = ready_timeout
+        self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self._out = open(self.log, "wb")  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            stdout=self._out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text()[-3000:])
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__(None, None, None)
+        raise RuntimeError("server not ready in time:\n" + self.log.read_text()[-3000:])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
