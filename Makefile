@@ -10,12 +10,12 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUNDLE ?= fmnist-dpsh-32
 
-.PHONY: run test install data lint bench-hashing bundle clean
+.PHONY: run test install data tools lint bench-hashing bundle clean
 
 run: install data
 	$(VENV)/bin/hashaudit eval $(BUNDLE)
 
-test: install data
+test: install data tools
 	./scripts/run_tests.sh
 
 install: $(STAMP)
@@ -27,6 +27,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 data: $(FMNIST)
+
+# docker-compose (v1, Debian) lets the deploy tests run `docker-compose config` (no engine needed)
+tools: /usr/bin/docker-compose
+
+/usr/bin/docker-compose:
+	-$(SUDO) apt-get install -y -qq docker-compose
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq

@@ -326,3 +326,22 @@ def test_full_queue_answers_503_with_retry_after(keyed_server, tiny_bundle):
     assert_error(busy, 503, None, "busy")
     m = httpx.get(f"{keyed_server.url}/metrics", headers={"X-API-Key": "k1"}).text
     assert metric(m, "hashaudit_queue_rejected_total") == codes.count(503)
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+def test_openapi_fuzz_never_gets_a_5xx(api_server, tmp_path):
+    """Schemathesis generates requests for every operation (examples, coverage, fuzzing,
+    stateful phases) and checks that none gets a server error."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "schemathesis"
+    r = subprocess.run(
+        [str(exe), "run", f"{api_server.url}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "30", "--seed", "1", "--request-timeout", "60"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert re.search(r"(\d+) generated, \1 passed", r.stdout), r.stdout[-2000:]
+    assert "Traceback" not in api_server.log.read_text()
