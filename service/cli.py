@@ -7,6 +7,9 @@
                                         attack images; writes PNGs and a JSON of codes
     hashaudit serve [--host H] [--port P]
                                         run the REST API (Swagger UI at /docs)
+    hashaudit worker [--burst]          run audit chunks from Redis ($HASHAUDIT_REDIS_URL)
+    hashaudit audit run --bundle B --methods M... --eps E...
+                                        run an audit here; writes report.json and .html
 """
 
 from __future__ import annotations
@@ -173,8 +176,91 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+def cmd_worker(argv: list[str]) -> int:
+    """Run audit chunks from Redis (RQ), with every bundle loaded first."""
+    p = argparse.ArgumentParser(
+        prog="hashaudit worker",
+        description="Work the audit queue in Redis ($HASHAUDIT_REDIS_URL). Loads every "
+                    "bundle of the store first; run one worker per GPU.")
+    p.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    p.add_argument("--name", default=None, help="worker name (default: host + pid)")
+    args = p.parse_args(argv)
+    from service.jobs.worker import run_worker
+
+    run_worker(get_settings(), burst=args.burst, name=args.name)
+    return 0
+
+
+def cmd_audit(argv: list[str]) -> int:
+    """``hashaudit audit run``: an audit in this process, with the workers' task code."""
+    from service.parsing import eps_value
+
+    p = argparse.ArgumentParser(
+        prog="hashaudit audit",
+        description="Run a robustness audit locally and write report.json and report.html.")
+    sub = p.add_subparsers(dest="action", required=True)
+    r = sub.add_parser("run", help="run an audit here with a progress bar")
+    r.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
+    r.add_argument("--store", type=Path, default=None)
+    r.add_argument("--methods", nargs="+", required=True)
+    r.add_argument("--eps", nargs="+", default=["8/255"], help="one or more, e.g. 8/255 16/255")
+    r.add_argument("--count", type=int, default=None, help="seeded sample of the query split")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--top-k", type=int, default=None, help="mAP@K (default: whole gallery)")
+    r.add_argument("--chunk-size", type=int, default=250)
+    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--device", default=None)
+    r.add_argument("--out", type=Path, default=Path("audit_out"))
+    r.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from service.device import resolve_device
+    from service.inference import BundleService
+    from service.jobs import tasks
+    from service.jobs.kv import MemoryKV
+    from service.jobs.queue import AuditQueue, LocalRunner
+    from service.jobs.report import render_html
+    from service.jobs.spec import normalize_spec
+    from service.jobs.store import AuditStore
+    from service.store import ModelStore
+
+    s = get_settings()
+    device = str(resolve_device(args.device or s.device))
+    store = ModelStore(args.store or s.model_store, device)
+    name = args.bundle or s.default_bundle
+    svc = BundleService(store.get(name))
+    spec = normalize_spec(svc, {
+        "methods": args.methods, "eps": [eps_value(e) for e in args.eps],
+        "queries": {"count": args.count, "seed": args.seed}, "top_k": args.top_k,
+        "seed": args.seed, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
+    }, max_queries=s.max_audit_queries)
+    ctx = tasks.JobContext(models=store, audits=AuditStore(MemoryKV()), max_pixels=s.max_pixels)
+    tasks.configure(ctx)
+    queue = AuditQueue(ctx, LocalRunner())
+    q = spec["queries"]
+    total = q["count"] * len(spec["methods"]) * len(spec["eps"])
+    with tqdm(total=total, unit="img", disable=args.no_progress, desc="audit") as bar:
+        audit_id = queue.run_now(spec, progress=bar.update)
+    status = queue.status(audit_id)
+    if status["state"] != "done":
+        print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(status["result"], indent=1))
+    (args.out / "report.html").write_text(render_html(status))
+    res = status["result"]
+    print(f"clean mAP@{res['protocol']['map_k']}: {res['clean']['map_k']:.4f}")
+    for a in res["attacks"]:
+        print(f"  {a['method']:>20} eps {a['eps_levels']:>3}/255: mAP {a['map_k']:.4f} "
+              f"(drop {a['drop_pct']:.1f}%), {a['ms_per_image']:.2f} ms/img")
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.html'}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attack": cmd_attack,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "worker": cmd_worker, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

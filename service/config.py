@@ -29,7 +29,15 @@ class Settings(BaseSettings):
         max_pixels: decoded image limit (413 above it; stops decompression bombs).
         max_top_k: upper bound of ``top_k``.
         attack_seed: seed of random starts in served attacks.
-        redis_url: Redis for audit jobs; empty runs audits in-process.
+        redis_url: Redis for audit jobs (``redis://host:6379/0``); empty runs audits on a
+            thread inside ``hashaudit serve``.
+        redis_prefix: prefix of every audit key in Redis.
+        max_audit_queries: most queries one audit (or one upload) may hold.
+        max_archive_bytes: size limit of ``POST /audit/uploads`` (query archives).
+        chunk_timeout: seconds one chunk job may run before RQ stops it.
+        chunk_retries: times a chunk is retried when its worker died.
+        worker_heartbeat_s: a running chunk renews its lease this often (lease = 3 beats).
+        worker_maintenance_s: how often workers look for chunks of dead workers.
     """
 
     model_config = SettingsConfigDict(env_prefix="HASHAUDIT_", env_file=".env", extra="ignore")
@@ -49,6 +57,13 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, le=10_000)
     attack_seed: int = 0
     redis_url: str = ""
+    redis_prefix: str = "hashaudit"
+    max_audit_queries: int = Field(20_000, ge=1)
+    max_archive_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    chunk_timeout: int = Field(3600, ge=10)
+    chunk_retries: int = Field(3, ge=0, le=100)
+    worker_heartbeat_s: float = Field(5.0, gt=0.0)
+    worker_maintenance_s: float = Field(30.0, gt=0.0)
 
     @property
     def api_key_list(self) -> list[str]:

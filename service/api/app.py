@@ -53,10 +53,12 @@ class AppState:
     loading: bool = True
     started_at: float = field(default_factory=time.time)
     device: str = "cpu"
+    audits: Any = None  # service.jobs.queue.AuditQueue once started
 
     @property
     def ready(self) -> bool:
-        return (not self.loading and self.settings.default_bundle in self.services)
+        return (not self.loading and self.settings.default_bundle in self.services
+                and self.audits is not None and self.audits.runner.healthy())
 
     def run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
         """Micro-batcher runner (inference thread): key = (model, kind, method, eps)."""
@@ -112,8 +114,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from service.jobs.queue import make_audit_queue
+
         batcher.start()
-        log.info("loading bundles from %s on %s", settings.model_store, device)
+        state.audits = make_audit_queue(settings, state.store)
+        log.info("loading bundles from %s on %s; audits run %s", settings.model_store, device,
+                 "on Redis workers" if settings.redis_url else "in this process")
 
         async def load() -> None:
             try:
@@ -128,11 +134,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             loader.cancel()
             await batcher.stop()
+            stop = getattr(state.audits.runner, "stop", None)
+            if stop is not None:
+                await asyncio.to_thread(stop)
 
     app = FastAPI(
         title="HashAudit", version=__version__, description=DESCRIPTION, lifespan=lifespan,
         openapi_tags=[
             {"name": "attack", "description": "Attack or encode one image"},
+            {"name": "audit", "description": "Batch robustness audits (jobs) and reports"},
             {"name": "models", "description": "Bundles and their gallery"},
             {"name": "health", "description": "Liveness, readiness, metrics"},
         ],
@@ -140,12 +150,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hashaudit = state
     install_error_handlers(app, metrics.error)
 
-    from service.api.routes import attack, health, models
+    from service.api.routes import attack, audit, health, models
 
     app.include_router(attack.router)
+    app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
-                       on_reject=metrics.error)
+                       on_reject=metrics.error,
+                       overrides={"/audit/uploads": settings.max_archive_bytes})
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

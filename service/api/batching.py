@@ -1,20 +1,21 @@
 """Micro-batcher: concurrent requests for the same (model, kind, method, eps) share one pass.
 
-Requests wait in a bounded queue. One dispatcher task picks the key of the oldest waiting
-request, lets that batch fill for at most ``max_delay_ms`` (or until ``max_batch``), then runs
-it on a single inference thread, off the event loop. While a batch runs, new requests pile
-up, so under load batches fill without any waiting. A full queue answers :class:`Busy`
-(503 + Retry-After).
+Requests wait in a bounded queue. One inference thread, off the event loop, picks the key of
+the oldest waiting request, lets that batch fill for at most ``max_delay_ms`` (or until
+``max_batch``), runs it and hands each result back to the event loop. The thread forms the
+next batch itself as soon as one finishes, so a busy event loop never leaves the model idle;
+while a batch runs new requests pile up, so under load batches fill without waiting. A full
+queue answers :class:`Busy` (503 + Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,19 +26,34 @@ log = logging.getLogger(__name__)
 Runner = Callable[[Hashable, list[Any]], list[Any]]
 
 
+class _Call:
+    """Key of one-off calls (warm-up, loading) that must run on the inference thread."""
+
+
 @dataclass
 class _Pending:
     item: Any
     future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
     enqueued: float
 
 
+def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():  # cancelled: the client went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 class MicroBatcher:
-    """Group submissions by key and run them in batches on one worker thread.
+    """Group submissions by key and run them in batches on one inference thread.
 
     Args:
-        runner: ``runner(key, items) -> results`` (one result per item, in order); runs in
-            the inference thread. An exception fails every request of that batch.
+        runner: ``runner(key, items) -> results`` (one result per item, in order), called on
+            the inference thread. An exception fails every request of that batch; a result
+            that is an exception fails only its request.
         max_batch: most items per batch.
         max_delay_ms: longest time the oldest request waits for company.
         max_queue: most waiting items; beyond it :meth:`submit` raises :class:`Busy`.
@@ -59,9 +75,9 @@ class MicroBatcher:
         self.on_reject = on_reject
         self._queues: OrderedDict[Hashable, deque[_Pending]] = OrderedDict()
         self._depth = 0
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self.busy_seconds = 0.0
 
     @property
@@ -69,49 +85,57 @@ class MicroBatcher:
         return self._depth
 
     def start(self) -> None:
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
+            self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for q in self._queues.values():
-            for p in q:
-                if not p.future.done():
-                    p.future.set_exception(Busy("the server is shutting down", retry_after=5))
-        self._queues.clear()
-        self._set_depth(0)
-        self._executor.shutdown(wait=True)
-
-    async def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` on the inference thread (for one-off model work such as warm-up)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Stop the thread after the running batch; waiting requests get :class:`Busy`."""
+        with self._cond:
+            self._stopping = True
+            left = [p for q in self._queues.values() for p in q]
+            self._queues.clear()
+            self._set_depth(0)
+            self._cond.notify_all()
+        for p in left:
+            p.loop.call_soon_threadsafe(
+                _resolve, p.future, None, Busy("the server is shutting down", retry_after=5))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+            self._thread = None
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
         if self.on_depth is not None:
             self.on_depth(depth)
 
+    def _enqueue(self, key: Hashable, item: Any, check_limit: bool) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if self._thread is None or self._stopping:
+            raise Busy("the inference queue is not running", retry_after=5)
+        fut = loop.create_future()
+        with self._cond:
+            if check_limit and self._depth >= self.max_queue:
+                if self.on_reject is not None:
+                    self.on_reject()
+                raise Busy(f"the inference queue is full ({self.max_queue} waiting); retry "
+                           "shortly", retry_after=1)
+            self._queues.setdefault(key, deque()).append(
+                _Pending(item, fut, loop, time.perf_counter()))
+            self._set_depth(self._depth + 1)
+            self._cond.notify()
+        return fut
+
     async def submit(self, key: Hashable, item: Any) -> Any:
         """Queue ``item`` under ``key`` and wait for its result."""
-        if self._task is None or self._wake is None:
-            raise Busy("the inference queue is not running", retry_after=5)
-        if self._depth >= self.max_queue:
-            if self.on_reject is not None:
-                self.on_reject()
-            raise Busy(f"the inference queue is full ({self.max_queue} waiting); retry shortly",
-                       retry_after=1)
-        fut = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, deque()).append(_Pending(item, fut, time.perf_counter()))
-        self._set_depth(self._depth + 1)
-        self._wake.set()
-        return await fut
+        return await self._enqueue(key, item, check_limit=True)
+
+    async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the inference thread (loading, warm-up), in queue order."""
+        return await self._enqueue(_Call(), fn, check_limit=False)
+
+    # ---- inference thread
 
     def _oldest_key(self) -> Hashable | None:
         best, best_t = None, None
@@ -120,61 +144,65 @@ class MicroBatcher:
                 best, best_t = key, q[0].enqueued
         return best
 
-    def _take(self, key: Hashable) -> list[_Pending]:
-        q = self._queues[key]
-        batch: list[_Pending] = []
-        while q and len(batch) < self.max_batch:
-            p = q.popleft()
-            if not p.future.cancelled():  # client went away while waiting
-                batch.append(p)
-            self._set_depth(self._depth - 1)
-        if not q:
-            del self._queues[key]
-        return batch
+    def _next_batch(self) -> tuple[Hashable, list[_Pending]] | None:
+        """Wait for work, let the oldest key's batch fill, take it (None when stopping)."""
+        with self._cond:
+            while True:
+                if self._stopping:
+                    return None
+                key = self._oldest_key()
+                if key is None:
+                    self._cond.wait()
+                    continue
+                q = self._queues[key]
+                if not isinstance(key, _Call):
+                    deadline = q[0].enqueued + self.max_delay
+                    while len(q) < self.max_batch and not self._stopping:
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    if self._stopping:
+                        return None
+                limit = 1 if isinstance(key, _Call) else self.max_batch
+                batch: list[_Pending] = []
+                while q and len(batch) < limit:
+                    p = q.popleft()
+                    if not p.future.cancelled():
+                        batch.append(p)
+                    self._set_depth(self._depth - 1)
+                if not q:
+                    del self._queues[key]
+                if batch:
+                    return key, batch
 
-    async def _run(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
+    def _work(self) -> None:
         while True:
-            key = self._oldest_key()
-            if key is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            deadline = self._queues[key][0].enqueued + self.max_delay
-            while len(self._queues[key]) < self.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), left)
-                except TimeoutError:
-                    break
-            batch = self._take(key)
-            if not batch:
-                continue
+            nxt = self._next_batch()
+            if nxt is None:
+                return
+            key, batch = nxt
             t0 = time.perf_counter()
+            results: list[Any] | None = None
+            error: BaseException | None = None
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.runner, key, [p.item for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"runner returned {len(results)} results for "
-                                       f"{len(batch)} items")
+                if isinstance(key, _Call):
+                    results = [batch[0].item()]
+                else:
+                    results = self.runner(key, [p.item for p in batch])
+                    if len(results) != len(batch):
+                        raise RuntimeError(f"runner returned {len(results)} results for "
+                                           f"{len(batch)} items")
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                log.exception("inference batch failed for %s", key)
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            finally:
-                seconds = time.perf_counter() - t0
+                if not isinstance(key, _Call):
+                    log.exception("inference batch failed for %s", key)
+                error = exc
+            seconds = time.perf_counter() - t0
+            if not isinstance(key, _Call):
                 self.busy_seconds += seconds
                 if self.on_batch is not None:
                     self.on_batch(key, len(batch), seconds)
-            for p, r in zip(batch, results, strict=True):
-                if not p.future.done():
-                    if isinstance(r, BaseException):
-                        p.future.set_exception(r)
-                    else:
-                        p.future.set_result(r)
+            for n, p in enumerate(batch):
+                r = None if results is None else results[n]
+                e = error if error is not None else (r if isinstance(r, BaseException) else None)
+                p.loop.call_soon_threadsafe(_resolve, p.future, None if e else r, e)

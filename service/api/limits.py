@@ -20,12 +20,15 @@ class BodyLimitMiddleware:
     arrive and buffered up to the limit.
     """
 
-    def __init__(self, app: Any, max_bytes: int, on_reject: Any = None) -> None:
+    def __init__(self, app: Any, max_bytes: int, on_reject: Any = None,
+                 overrides: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.on_reject = on_reject
+        self.overrides = overrides or {}
 
-    async def _reject(self, receive: Any, send: Any, seen: int, more: bool) -> None:
+    async def _reject(self, receive: Any, send: Any, seen: int, more: bool,
+                      limit: int) -> None:
         while more and seen <= DRAIN_CAP:
             msg = await receive()
             if msg["type"] == "http.disconnect":
@@ -34,10 +37,11 @@ class BodyLimitMiddleware:
             more = msg.get("more_body", False)
         if self.on_reject is not None:
             self.on_reject("payload_too_large")
+        setting = ("HASHAUDIT_MAX_UPLOAD_BYTES" if limit == self.max_bytes
+                   else "HASHAUDIT_MAX_ARCHIVE_BYTES")
         body = orjson.dumps(error_body(
-            "payload_too_large",
-            f"request body exceeds the limit of {self.max_bytes} bytes "
-            f"(HASHAUDIT_MAX_UPLOAD_BYTES)", "body"))
+            "payload_too_large", f"request body exceeds the limit of {limit} bytes ({setting})",
+            "body"))
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
@@ -48,14 +52,15 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        limit = self.overrides.get(scope.get("path", ""), self.max_bytes)
         length = None
         for k, v in scope.get("headers", ()):
             if k == b"content-length":
                 length = v
                 break
         if length is not None:
-            if length.isdigit() and int(length) > self.max_bytes:
-                await self._reject(receive, send, 0, True)
+            if length.isdigit() and int(length) > limit:
+                await self._reject(receive, send, 0, True, limit)
                 return
             await self.app(scope, receive, send)
             return
@@ -68,8 +73,8 @@ class BodyLimitMiddleware:
             chunk = msg.get("body", b"")
             seen += len(chunk)
             more = msg.get("more_body", False)
-            if seen > self.max_bytes:
-                await self._reject(receive, send, seen, more)
+            if seen > limit:
+                await self._reject(receive, send, seen, more, limit)
                 return
             chunks.append(chunk)
         body = b"".join(chunks)

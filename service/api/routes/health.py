@@ -27,10 +27,15 @@ async def ready(request: Request) -> JSON:
     state = get_state(request)
     detail = {"loading": state.loading, "device": state.device,
               "models": sorted(state.services), "failed": state.load_errors,
-              "default": state.settings.default_bundle, "queue_depth": state.batcher.depth}
+              "default": state.settings.default_bundle, "queue_depth": state.batcher.depth,
+              "audits": None if state.audits is None else {
+                  "runner": "redis" if state.settings.redis_url else "in-process",
+                  "reachable": state.audits.runner.healthy(),
+                  "queued_chunks": state.audits.runner.depth()}}
     if state.ready:
         return JSON({"status": "ready", "detail": detail})
-    why = "loading" if state.loading else "default bundle not loaded"
+    why = ("loading" if state.loading else "default bundle not loaded"
+           if state.settings.default_bundle not in state.services else "redis unreachable")
     return JSON({"status": why, "detail": detail}, status_code=503,
                 headers={"Retry-After": "2"})
 

@@ -1,0 +1,149 @@
+"""Audits: POST /audit, GET /audit[/{id}], DELETE /audit/{id}, reports, query uploads."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, Response
+
+from service.api.app import AppState
+from service.api.deps import get_state, require_api_key, service_for
+from service.api.responses import JSON
+from service.api.schemas import ERRORS
+from service.errors import BadInput, UnknownName
+from service.jobs.report import render_html
+from service.jobs.spec import normalize_spec
+from service.jobs.uploads import parse_query_archive, save_upload, upload_meta
+
+router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
+
+_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+class QueriesSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int | None = Field(None, ge=1, description="audit a seeded sample of this many of "
+                              "the bundle's queries; null = all")
+    seed: int | None = Field(None, description="sample seed (default: the audit's seed)")
+    upload_id: str | None = Field(None, description="audit an uploaded set instead "
+                                  "(POST /audit/uploads)")
+
+
+class AuditRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "model": "fmnist-dpsh-32", "methods": ["untargeted_gan", "pgd"],
+        "eps": ["8/255", "16/255"], "queries": {"count": 200, "seed": 0}, "top_k": None,
+        "seed": 0}]})
+    model: str | None = Field(None, description="bundle; default the server's default bundle")
+    methods: list[str] = Field(min_length=1, max_length=16,
+                               description="registered attacks (GET /models lists them)")
+    eps: float | str | list[float | str] = Field(
+        "8/255", description="one budget or a list for a robustness curve; 8/255 or 0.0314")
+    queries: QueriesSpec = Field(default_factory=QueriesSpec)
+    top_k: int | None = Field(None, ge=1, description="mAP@K cut-off; null = whole gallery")
+    seed: int = Field(0, description="seeds random starts, targets and sampling")
+    chunk_size: int = Field(250, ge=1, le=5000, description="queries per chunk job")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="images per forward pass")
+
+
+def _check_id(audit_id: str) -> str:
+    if not _ID.match(audit_id):
+        raise UnknownName(f"audit: no audit {audit_id!r}", field="audit")
+    return audit_id
+
+
+def _audits(state: AppState) -> Any:
+    if state.audits is None:
+        from service.errors import Busy
+
+        raise Busy("audits are not available yet (still starting)", retry_after=2)
+    return state.audits
+
+
+@router.post("/audit", status_code=202, responses=ERRORS,
+             summary="Start a robustness audit (runs on the workers)")
+async def create_audit(request: Request, body: AuditRequest) -> JSON:
+    state = get_state(request)
+    svc = service_for(state, body.model)
+    audits = _audits(state)
+    upload = None
+    if body.queries.upload_id:
+        upload = upload_meta(audits.store, body.queries.upload_id)
+        if upload["model"] != svc.name:
+            raise BadInput(f"queries.upload_id: the upload was made for {upload['model']}, "
+                           f"not {svc.name}", field="queries.upload_id")
+    spec = normalize_spec(svc, body.model_dump(), upload=upload,
+                          max_queries=state.settings.max_audit_queries)
+    audit_id = await run_in_threadpool(audits.submit, spec)
+    out = audits.status(audit_id, with_result=False)
+    return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
+
+
+@router.get("/audit", responses=ERRORS, summary="Recent audits (newest first)")
+async def list_audits(request: Request,
+                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JSON:
+    audits = _audits(get_state(request))
+    items = []
+    for audit_id in audits.store.list(limit):
+        try:
+            items.append(audits.status(audit_id, with_result=False))
+        except UnknownName:
+            continue  # expired between listing and reading
+    return JSON({"audits": items})
+
+
+@router.get("/audit/{audit_id}", responses=ERRORS,
+            summary="State, progress, timings and (when done) the result")
+async def get_audit(request: Request, audit_id: str) -> JSON:
+    audits = _audits(get_state(request))
+    return JSON(await run_in_threadpool(audits.status, _check_id(audit_id)))
+
+
+@router.delete("/audit/{audit_id}", responses=ERRORS,
+               summary="Cancel: queued chunks are dropped, running ones stop at the next batch")
+async def cancel_audit(request: Request, audit_id: str) -> JSON:
+    audits = _audits(get_state(request))
+    return JSON(await run_in_threadpool(audits.cancel, _check_id(audit_id)))
+
+
+@router.get("/audit/{audit_id}/report", responses={
+    200: {"content": {"application/json": {}, "text/html": {}}}, **ERRORS},
+    summary="The report as JSON, or as HTML with plots (?format=html or Accept: text/html)")
+async def report(request: Request, audit_id: str,
+                 format: Annotated[str | None, Query(pattern="^(json|html)$")] = None
+                 ) -> Response:
+    audits = _audits(get_state(request))
+    status = await run_in_threadpool(audits.status, _check_id(audit_id))
+    want_html = format == "html" or (
+        format is None and "text/html" in request.headers.get("accept", ""))
+    if want_html:
+        page = await run_in_threadpool(render_html, status)
+        return HTMLResponse(page)
+    if status["result"] is None:
+        return JSON({"id": audit_id, "state": status["state"], "error": status["error"],
+                     "progress": status["progress"], "report": None})
+    return JSON(status["result"])
+
+
+@router.post("/audit/uploads", status_code=201, responses=ERRORS,
+             summary="Upload a query set: zip/tar of images + labels.txt ('path l1 ... lC')")
+async def upload_queries(
+    request: Request,
+    archive: Annotated[UploadFile, File(description="zip or tar(.gz) with images and one "
+                                        "list file labels.txt at its root")],
+    model: Annotated[str | None, Form(description="bundle the labels belong to")] = None,
+) -> JSON:
+    state = get_state(request)
+    svc = service_for(state, model)
+    audits = _audits(state)
+    data = await archive.read()
+    if not data:
+        raise BadInput("archive: the uploaded file is empty", field="archive")
+    names, labels, blobs = await run_in_threadpool(
+        parse_query_archive, data, svc.classes, state.settings.max_audit_queries)
+    meta = await run_in_threadpool(save_upload, audits.store, svc.name, names, labels, blobs)
+    return JSON(meta, status_code=201)

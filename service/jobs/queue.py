@@ -1,0 +1,243 @@
+"""Submitting, tracking and cancelling audits; the RQ queue and the in-process runner.
+
+``AuditQueue`` is what the API and the CLI talk to. It stores the audit record, then hands
+every chunk to a runner:
+
+* ``RQRunner`` (``HASHAUDIT_REDIS_URL`` set): one RQ job per chunk on the ``hashaudit`` queue,
+  with ``Retry`` so that the job of a worker that died is run again by another worker;
+* ``LocalRunner`` (no Redis): a thread in this process runs the same ``run_chunk`` calls in
+  order; ``run_now`` runs them inline (the CLI).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as queue_mod
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from service.config import Settings, get_settings
+from service.errors import BadInput
+from service.jobs import tasks
+from service.jobs.kv import MemoryKV
+from service.jobs.spec import chunk_keys, parse_chunk
+from service.jobs.store import FINAL, AuditStore
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "hashaudit"
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+def context_from_settings(settings: Settings | None = None, models: Any = None) -> Any:
+    """A job context for this process from the settings (Redis when configured)."""
+    from service.device import resolve_device
+    from service.store import ModelStore
+
+    s = settings or get_settings()
+    kv = redis_client(s.redis_url) if s.redis_url else MemoryKV()
+    models = models or ModelStore(s.model_store, str(resolve_device(s.device)))
+    return tasks.JobContext(models=models, audits=AuditStore(kv, s.redis_prefix),
+                            max_pixels=s.max_pixels)
+
+
+class LocalRunner:
+    """Runs chunks on one background thread in this process (single-machine mode)."""
+
+    def __init__(self) -> None:
+        self._q: queue_mod.Queue[tuple[str, str] | None] = queue_mod.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="audit-runner", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(30)
+            self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                tasks.run_chunk(*item)
+            except Exception:  # noqa: BLE001 - run_chunk records failures itself
+                log.exception("audit chunk %s failed", item)
+
+    def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any]) -> None:
+        self.start()
+        for c in chunks:
+            self._q.put((audit_id, c))
+
+    def cancel(self, audit_id: str, chunks: list[str]) -> int:
+        return 0  # queued chunks see the cancel flag and skip themselves
+
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def healthy(self) -> bool:
+        return True
+
+
+class RQRunner:
+    """One RQ job per chunk, retried when its worker dies."""
+
+    def __init__(self, connection: Any, settings: Settings) -> None:
+        from rq import Queue
+        from rq.serializers import JSONSerializer
+
+        self.connection = connection
+        self.settings = settings
+        self.queue = Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)
+
+    @staticmethod
+    def job_id(audit_id: str, chunk: str) -> str:
+        method, e, c = parse_chunk(chunk)
+        return f"audit-{audit_id}-{method}-{e}-{c}"
+
+    def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any]) -> None:
+        from rq import Retry
+
+        s = self.settings
+        with self.connection.pipeline() as pipe:
+            for c in chunks:
+                self.queue.enqueue_call(
+                    tasks.run_chunk, args=(audit_id, c), job_id=self.job_id(audit_id, c),
+                    timeout=s.chunk_timeout, retry=Retry(max=s.chunk_retries),
+                    result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
+                    description=f"audit {audit_id} chunk {c}", pipeline=pipe)
+            pipe.execute()
+
+    def cancel(self, audit_id: str, chunks: list[str]) -> int:
+        """Drop the audit's queued jobs (running ones stop at their next batch)."""
+        from rq.job import Job
+        from rq.serializers import JSONSerializer
+
+        ids = [self.job_id(audit_id, c) for c in chunks]
+        dropped = 0
+        for job in Job.fetch_many(ids, connection=self.connection,
+                                  serializer=JSONSerializer):
+            if job is not None and job.get_status() in ("queued", "scheduled", "deferred"):
+                job.cancel()
+                dropped += 1
+        return dropped
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def healthy(self) -> bool:
+        try:
+            return bool(self.connection.ping())
+        except Exception:  # noqa: BLE001 - any failure means not reachable
+            return False
+
+
+class AuditQueue:
+    """Create, run, track and cancel audits (API and CLI)."""
+
+    def __init__(self, ctx: Any, runner: Any) -> None:
+        self.ctx = ctx
+        self.runner = runner
+
+    @property
+    def store(self) -> AuditStore:
+        return self.ctx.audits
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        audit_id = uuid.uuid4().hex[:16]
+        chunks = chunk_keys(spec)
+        self.store.create(audit_id, spec, len(chunks))
+        self.runner.enqueue(audit_id, chunks, spec)
+        log.info("audit %s: %d chunks queued (%s)", audit_id, len(chunks),
+                 type(self.runner).__name__)
+        return audit_id
+
+    def run_now(self, spec: dict[str, Any], progress: Callable[[int], None] | None = None) -> str:
+        """Run an audit inline in this process (the CLI); same task code as the workers."""
+        audit_id = uuid.uuid4().hex[:16]
+        chunks = chunk_keys(spec)
+        st = self.store
+        st.create(audit_id, spec, len(chunks))
+        st.mark_running(audit_id)
+        for c in chunks:
+            try:
+                data = tasks.compute_chunk(self.ctx, audit_id, spec, c, progress=progress)
+            except BadInput:
+                raise
+            except Exception as exc:
+                st.finish(audit_id, "failed", error=f"chunk {c}: {exc}")
+                raise
+            st.put_chunk(audit_id, c, data)
+        tasks.maybe_reduce(audit_id)
+        return audit_id
+
+    def cancel(self, audit_id: str) -> dict[str, Any]:
+        rec = self.store.record(audit_id)
+        if rec["state"] in FINAL:
+            return self.status(audit_id)
+        self.store.cancel(audit_id)
+        self.store.finish(audit_id, "cancelled", error="cancelled by request")
+        dropped = self.runner.cancel(audit_id, chunk_keys(rec["spec"]))
+        log.info("audit %s cancelled; %d queued chunks dropped", audit_id, dropped)
+        return self.status(audit_id)
+
+    def status(self, audit_id: str, with_result: bool = True) -> dict[str, Any]:
+        rec = self.store.record(audit_id)
+        spec = rec["spec"]
+        done = self.store.done_chunks(audit_id)
+        per_query = {}
+        cs, total_q = spec["chunk_size"], None
+        n_chunks_per = max(1, rec["n_chunks"] // (len(spec["methods"]) * len(spec["eps"])))
+        q = spec["queries"]
+        total_q = q["count"] if q["source"] == "bundle" else q["total"]
+        for m in spec["methods"]:
+            finished = [parse_chunk(c) for c in done if c.startswith(m + "|")]
+            imgs = sum(min(cs, total_q - c * cs) for _, _, c in finished)
+            per_query[m] = {"done_images": imgs, "total_images": total_q * len(spec["eps"]),
+                            "done_chunks": len(finished),
+                            "total_chunks": n_chunks_per * len(spec["eps"])}
+        now = time.time()
+        started, finished_at = rec["started_at"], rec["finished_at"]
+        out = {
+            "id": audit_id, "state": rec["state"], "error": rec["error"],
+            "model": spec["model"], "methods": spec["methods"], "eps": spec["eps"],
+            "progress": {
+                "done_images": sum(v["done_images"] for v in per_query.values()),
+                "total_images": sum(v["total_images"] for v in per_query.values()),
+                "done_chunks": len(done), "total_chunks": rec["n_chunks"],
+                "per_method": per_query,
+            },
+            "timings": {
+                "created_at": rec["created_at"], "started_at": started,
+                "finished_at": finished_at,
+                "queued_s": (started or finished_at or now) - rec["created_at"],
+                "running_s": ((finished_at or now) - started) if started else None,
+            },
+            "spec": spec,
+            "links": {"self": f"/audit/{audit_id}", "report": f"/audit/{audit_id}/report"},
+        }
+        if with_result:
+            out["result"] = rec["result"]
+        return out
+
+
+def make_audit_queue(settings: Settings, models: Any) -> AuditQueue:
+    """Redis + RQ when ``redis_url`` is set, else the in-process runner."""
+    ctx = context_from_settings(settings, models)
+    tasks.configure(ctx)
+    if settings.redis_url:
+        return AuditQueue(ctx, RQRunner(ctx.audits.kv, settings))
+    return AuditQueue(ctx, LocalRunner())

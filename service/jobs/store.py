@@ -1,0 +1,151 @@
+"""Audit state in Redis (or :class:`~service.jobs.kv.MemoryKV`): spec, state, chunk results.
+
+Keys (``P`` = prefix, default ``hashaudit``)::
+
+    P:audits                   sorted set of audit ids by creation time
+    P:audit:<id>               hash: spec, state, created_at, started_at, finished_at,
+                               error, n_chunks, result (JSON when done)
+    P:audit:<id>:chunks        hash: chunk key -> chunk result (npz bytes); HSET of the same
+                               key replaces, so a chunk that runs twice never counts twice
+    P:audit:<id>:cancel        set when the audit is cancelled
+    P:audit:<id>:reduce        lock taken by the one process that reduces
+    P:upload:<id>              hash: uploaded query set (labels, names, file bytes)
+
+States: queued -> running -> done | failed | cancelled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from service.errors import UnknownName
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+KEEP_SECONDS = 30 * 24 * 3600  # audits expire after 30 days
+
+
+def pack_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """numpy arrays + JSON meta -> npz bytes (no pickles)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                        **arrays)
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        meta = json.loads(z["__meta__"].tobytes().decode())
+    return arrays, meta
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class AuditStore:
+    """Reads and writes audit records; every method is one or a few atomic commands."""
+
+    def __init__(self, kv: Any, prefix: str = "hashaudit") -> None:
+        self.kv = kv
+        self.prefix = prefix
+
+    def key(self, audit_id: str, part: str = "") -> str:
+        return f"{self.prefix}:audit:{audit_id}" + (f":{part}" if part else "")
+
+    # ---- records
+
+    def create(self, audit_id: str, spec: dict[str, Any], n_chunks: int) -> None:
+        now = time.time()
+        self.kv.hset(self.key(audit_id), mapping={
+            "spec": json.dumps(spec), "state": "queued", "created_at": now,
+            "n_chunks": n_chunks})
+        self.kv.expire(self.key(audit_id), KEEP_SECONDS)
+        self.kv.zadd(f"{self.prefix}:audits", {audit_id: now})
+
+    def exists(self, audit_id: str) -> bool:
+        return bool(self.kv.exists(self.key(audit_id)))
+
+    def record(self, audit_id: str) -> dict[str, Any]:
+        raw = self.kv.hgetall(self.key(audit_id))
+        if not raw:
+            raise UnknownName(f"audit: no audit {audit_id!r}", field="audit")
+        r = {_s(k): _s(v) for k, v in raw.items()}
+        out: dict[str, Any] = {
+            "id": audit_id, "state": r.get("state"), "spec": json.loads(r["spec"]),
+            "n_chunks": int(r.get("n_chunks", 0)), "error": r.get("error"),
+        }
+        for k in ("created_at", "started_at", "finished_at"):
+            out[k] = float(r[k]) if r.get(k) else None
+        out["result"] = json.loads(r["result"]) if r.get("result") else None
+        return out
+
+    def state(self, audit_id: str) -> str | None:
+        return _s(self.kv.hget(self.key(audit_id), "state"))
+
+    def spec(self, audit_id: str) -> dict[str, Any]:
+        raw = self.kv.hget(self.key(audit_id), "spec")
+        if raw is None:
+            raise UnknownName(f"audit: no audit {audit_id!r}", field="audit")
+        return json.loads(_s(raw))
+
+    def mark_running(self, audit_id: str) -> None:
+        if self.kv.hsetnx(self.key(audit_id), "started_at", time.time()):
+            if self.state(audit_id) == "queued":
+                self.kv.hset(self.key(audit_id), "state", "running")
+
+    def finish(self, audit_id: str, state: str, result: dict[str, Any] | None = None,
+               error: str | None = None) -> bool:
+        """Set a final state unless one is set already (first writer wins)."""
+        if self.state(audit_id) in FINAL:
+            return False
+        mapping: dict[str, Any] = {"state": state, "finished_at": time.time()}
+        if result is not None:
+            mapping["result"] = json.dumps(result)
+        if error is not None:
+            mapping["error"] = error
+        self.kv.hset(self.key(audit_id), mapping=mapping)
+        return True
+
+    def list(self, limit: int = 100) -> list[str]:
+        return [_s(x) for x in self.kv.zrevrange(f"{self.prefix}:audits", 0, limit - 1)]
+
+    # ---- chunks
+
+    def put_chunk(self, audit_id: str, chunk: str, data: bytes) -> None:
+        self.kv.hset(self.key(audit_id, "chunks"), chunk, data)
+        self.kv.expire(self.key(audit_id, "chunks"), KEEP_SECONDS)
+
+    def has_chunk(self, audit_id: str, chunk: str) -> bool:
+        return bool(self.kv.hexists(self.key(audit_id, "chunks"), chunk))
+
+    def done_chunks(self, audit_id: str) -> list[str]:
+        return sorted(_s(k) for k in self.kv.hkeys(self.key(audit_id, "chunks")))
+
+    def chunks(self, audit_id: str) -> dict[str, bytes]:
+        return {_s(k): v for k, v in self.kv.hgetall(self.key(audit_id, "chunks")).items()}
+
+    # ---- cancel / reduce lock
+
+    def cancel(self, audit_id: str) -> None:
+        self.kv.set(self.key(audit_id, "cancel"), 1, ex=KEEP_SECONDS)
+
+    def cancelled(self, audit_id: str) -> bool:
+        return bool(self.kv.exists(self.key(audit_id, "cancel")))
+
+    def take_reduce_lock(self, audit_id: str, seconds: int = 600) -> bool:
+        return bool(self.kv.set(self.key(audit_id, "reduce"), 1, nx=True, ex=seconds))
+
+    def release_reduce_lock(self, audit_id: str) -> None:
+        self.kv.delete(self.key(audit_id, "reduce"))
+
+    # ---- uploads
+
+    def upload_key(self, upload_id: str) -> str:
+        return f"{self.prefix}:upload:{upload_id}"

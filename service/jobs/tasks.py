@@ -1,0 +1,336 @@
+"""The audit's units of work: ``run_chunk`` (attack a slice of queries) and the reduce step.
+
+Both are plain functions, strings in and a JSON-able dict out, so RQ can run them in any
+worker process and the in-process runner calls them directly. They reach bundles and the
+audit store through :func:`context`, which a process sets up once (``configure``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import service
+from service.attacks import ATTACKS
+from service.attacks.runner import attack_batch
+from service.errors import BadImage, BundleError, HashAuditError
+from service.evaluation import protocol_record, retrieval_figures
+from service.inference import decode_upload, encode_png
+from service.jobs.spec import chunk_keys, parse_chunk, query_positions, target_labels
+from service.jobs.store import FINAL, AuditStore, pack_arrays, unpack_arrays
+from service.retrieval.codes import pack_bits, unpack_bits
+from service.retrieval.metrics import map_at_k, targeted_map
+from service.retrieval.ranking import topk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    """What tasks need in this process: loaded bundles and the audit store."""
+
+    models: Any  # service.store.ModelStore
+    audits: AuditStore
+    max_pixels: int = 4096 * 4096
+
+
+_ctx: JobContext | None = None
+_ctx_lock = threading.Lock()
+
+
+def configure(ctx: JobContext) -> None:
+    global _ctx
+    with _ctx_lock:
+        _ctx = ctx
+
+
+def context() -> JobContext:
+    """The process's context; a worker without one builds it from the settings."""
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None:
+            from service.jobs.queue import context_from_settings
+
+            _ctx = context_from_settings()
+        return _ctx
+
+
+class Cancelled(Exception):
+    """Raised inside a chunk when its audit was cancelled (the chunk stores nothing)."""
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+def load_queries(ctx: JobContext, spec: dict[str, Any], bundle: Any,
+                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 images, labels and names of the queries at ``positions``."""
+    q = spec["queries"]
+    if q["source"] == "bundle":
+        qs = bundle.queries
+        names = [f"query {int(i)}" for i in qs.ids[positions]]
+        return qs.images[positions], qs.labels[positions], names
+    from service.jobs.uploads import upload_files
+
+    meta, files = upload_files(ctx.audits, q["upload_id"], positions)
+    inp = bundle.manifest.input
+    images = []
+    for pos, data in zip(positions.tolist(), files, strict=True):
+        name = meta["names"][pos]
+        try:
+            px, _ = decode_upload(data, inp["channels"], inp["height"], inp["width"],
+                                  ctx.max_pixels, field="queries")
+        except HashAuditError as exc:
+            raise BadImage(f"uploaded image {name!r}: {exc.message}", field="queries") from None
+        images.append(px)
+    labels = np.asarray(meta["labels"], np.uint8)[positions]
+    return np.stack(images), labels, [meta["names"][p] for p in positions.tolist()]
+
+
+def all_labels(ctx: JobContext, spec: dict[str, Any], bundle: Any) -> np.ndarray:
+    """Labels of every audited query, in audit order."""
+    pos = query_positions(spec)
+    if spec["queries"]["source"] == "bundle":
+        return bundle.queries.labels[pos]
+    from service.jobs.uploads import upload_meta
+
+    return np.asarray(upload_meta(ctx.audits, spec["queries"]["upload_id"])["labels"],
+                      np.uint8)[pos]
+
+
+# ----------------------------------------------------------------------------- chunk
+
+
+def _psnr(rmse: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(rmse > 0, 20 * np.log10(1.0 / np.maximum(rmse, 1e-12)), np.inf)
+
+
+def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: str,
+                  progress: Any = None) -> bytes:
+    """Attack one chunk; returns its packed result. Checks for cancel between batches."""
+    bundle = ctx.models.get(spec["model"])
+    if bundle.sha != spec["bundle_sha"]:
+        raise BundleError(f"bundle {spec['model']} changed since the audit was submitted "
+                          f"(sha {bundle.sha[:12]} != {spec['bundle_sha'][:12]})", field="model")
+    method, ei, ci = parse_chunk(chunk)
+    eps = spec["eps"][ei]
+    cs = spec["chunk_size"]
+    order = query_positions(spec)
+    sel = slice(ci * cs, (ci + 1) * cs)
+    positions = order[sel]
+    images, labels, _ = load_queries(ctx, spec, bundle, positions)
+    targeted = ATTACKS.get(method).targeted
+    target = target_labels(all_labels(ctx, spec, bundle), spec["seed"])[sel] if targeted else None
+    adv_codes, clean_codes, ham, linf, rmse, seconds = [], [], [], [], [], 0.0
+    examples = []
+    bs = spec["batch_size"]
+    for b in range(0, len(images), bs):
+        if ctx.audits.cancelled(audit_id):
+            raise Cancelled(audit_id)
+        x = images[b:b + bs]
+        res = attack_batch(bundle, method, eps, x, labels[b:b + bs],
+                           None if target is None else target[b:b + bs], seed=spec["seed"])
+        adv_codes.append(res.adv_codes)
+        clean_codes.append(res.clean_codes)
+        ham.append(res.hamming)
+        linf.append(res.linf)
+        d = (res.adversarial.astype(np.float64) - x.astype(np.float64)) / 255.0
+        rmse.append(np.sqrt((d.reshape(len(x), -1) ** 2).mean(1)))
+        seconds += res.seconds
+        if ci == 0 and b == 0:
+            examples = res.adversarial[:spec["examples"]]
+        if progress is not None:
+            progress(len(x))
+    arrays = {
+        "positions": positions.astype(np.int64),
+        "adv_codes": pack_bits(np.concatenate(adv_codes)),
+        "clean_codes": pack_bits(np.concatenate(clean_codes)),
+        "labels": labels.astype(np.uint8),
+        "hamming": np.concatenate(ham).astype(np.int32),
+        "linf": np.concatenate(linf).astype(np.float32),
+        "rmse": np.concatenate(rmse).astype(np.float32),
+    }
+    if target is not None:
+        arrays["target"] = target.astype(np.uint8)
+    if ci == 0:
+        arrays["example_adv"] = np.asarray(examples, np.uint8)
+        arrays["example_clean"] = images[:spec["examples"]]
+    return pack_arrays(arrays, {"seconds": seconds, "n": int(len(positions)), "chunk": chunk,
+                                "method": method, "eps": eps})
+
+
+def run_chunk(audit_id: str, chunk: str) -> dict[str, Any]:
+    """RQ entry point: run one chunk unless done, cancelled or failed; then maybe reduce.
+
+    Bad data (HashAuditError, e.g. a corrupt uploaded image) fails the audit with the
+    message; the job itself ends normally so it is not retried. A crash (worker killed)
+    leaves nothing stored, and RQ's retry runs the chunk again.
+    """
+    ctx = context()
+    st = ctx.audits
+    state = st.state(audit_id)
+    if state is None:
+        return {"chunk": chunk, "skipped": "unknown audit"}
+    if state in FINAL or st.cancelled(audit_id):
+        return {"chunk": chunk, "skipped": state}
+    if not st.has_chunk(audit_id, chunk):
+        st.mark_running(audit_id)
+        t0 = time.perf_counter()
+        try:
+            data = compute_chunk(ctx, audit_id, st.spec(audit_id), chunk)
+        except Cancelled:
+            return {"chunk": chunk, "skipped": "cancelled"}
+        except HashAuditError as exc:
+            st.finish(audit_id, "failed", error=f"chunk {chunk}: {exc.message}")
+            return {"chunk": chunk, "failed": exc.message}
+        st.put_chunk(audit_id, chunk, data)
+        log.info("audit %s chunk %s done in %.2f s", audit_id, chunk, time.perf_counter() - t0)
+    maybe_reduce(audit_id)
+    return {"chunk": chunk, "done": True}
+
+
+def maybe_reduce(audit_id: str) -> bool:
+    """Reduce once every chunk is in (one process wins the lock); True if it reduced."""
+    ctx = context()
+    st = ctx.audits
+    rec = st.record(audit_id)
+    if rec["state"] in FINAL or len(st.done_chunks(audit_id)) < rec["n_chunks"]:
+        return False
+    if not st.take_reduce_lock(audit_id):
+        return False
+    try:
+        result = reduce_audit(ctx, audit_id, rec)
+        st.finish(audit_id, "done", result=result)
+    except Exception as exc:  # noqa: BLE001 - the audit must end, never hang
+        log.exception("audit %s: reduce failed", audit_id)
+        st.finish(audit_id, "failed", error=f"reduce: {type(exc).__name__}: {exc}")
+    finally:
+        st.release_reduce_lock(audit_id)
+    return True
+
+
+# ----------------------------------------------------------------------------- reduce
+
+
+def _b64png(chw: np.ndarray) -> str:
+    return base64.b64encode(encode_png(chw)).decode()
+
+
+def _finite_mean(x: np.ndarray) -> float | None:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else None
+
+
+def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """All chunks -> figures: clean and attacked mAP, drops, t-MAP, curves, stats, examples."""
+    spec = rec["spec"]
+    bundle = ctx.models.get(spec["model"])
+    bits = bundle.manifest.bits
+    chunks = ctx.audits.chunks(audit_id)
+    expected = chunk_keys(spec)
+    missing = [k for k in expected if k not in chunks]
+    if missing:
+        raise RuntimeError(f"chunks missing at reduce: {missing[:5]}")
+    db_codes = bundle.gallery.codes(bits)
+    db_labels = bundle.gallery.labels
+    top_k = spec["top_k"]
+    n_chunks = len(expected) // (len(spec["methods"]) * len(spec["eps"]))
+
+    def gather(method: str, ei: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        parts = [unpack_arrays(chunks[f"{method}|{ei}|{c}"]) for c in range(n_chunks)]
+        keys = [k for k in parts[0][0] if not k.startswith("example")]
+        merged = {k: np.concatenate([p[0][k] for p in parts]) for k in keys}
+        merged.update({k: v for k, v in parts[0][0].items() if k.startswith("example")})
+        return merged, [p[1] for p in parts]
+
+    first, _ = gather(spec["methods"][0], 0)
+    q_labels = first["labels"]
+    clean = unpack_bits(first["clean_codes"], bits)
+    clean_fig = retrieval_figures(clean, q_labels, db_codes, db_labels)
+    clean_fig["map_k"] = map_at_k(clean, db_codes, q_labels, db_labels, top_k)
+    attacks = []
+    examples = []
+    for method in spec["methods"]:
+        targeted = ATTACKS.get(method).targeted
+        for ei, eps in enumerate(spec["eps"]):
+            arr, metas = gather(method, ei)
+            adv = unpack_bits(arr["adv_codes"], bits)
+            fig = retrieval_figures(adv, arr["labels"], db_codes, db_labels)
+            fig["map_k"] = map_at_k(adv, db_codes, arr["labels"], db_labels, top_k)
+            seconds = sum(m["seconds"] for m in metas)
+            row = {
+                "method": method, "eps": eps, "eps_levels": math.floor(eps * 255 + 1e-6),
+                "targeted": targeted, "map_k": fig["map_k"],
+                "drop_pct": (100.0 * (clean_fig["map_k"] - fig["map_k"]) / clean_fig["map_k"]
+                             if clean_fig["map_k"] > 0 else None),
+                "map_all": fig["map_all"], "map_1000": fig["map_1000"], "p_r2": fig["p_r2"],
+                "top_n": fig["top_n"], "pr_curve": fig["pr_curve"],
+                "mean_hamming": float(arr["hamming"].mean()),
+                "flipped_any_pct": float(100.0 * (arr["hamming"] > 0).mean()),
+                "linf_max": float(arr["linf"].max()), "linf_mean": float(arr["linf"].mean()),
+                "rmse_mean": float(arr["rmse"].mean()),
+                "psnr_mean_db": _finite_mean(_psnr(arr["rmse"])),
+                "seconds": seconds, "ms_per_image": 1e3 * seconds / max(1, len(adv)),
+            }
+            if targeted:
+                row["t_map"] = targeted_map(adv, db_codes, arr["target"], db_labels, top_k)
+                row["t_map_clean"] = targeted_map(unpack_bits(arr["clean_codes"], bits),
+                                                  db_codes, arr["target"], db_labels, top_k)
+            attacks.append(row)
+            if "example_adv" in arr and ei == len(spec["eps"]) - 1:
+                examples.extend(_examples(bundle, method, eps, arr, bits))
+    return {
+        "audit_id": audit_id, "model": spec["model"], "bundle_version": spec["bundle_version"],
+        "bundle_sha": spec["bundle_sha"], "package_version": service.__version__,
+        "protocol": {**protocol_record([top_k, None, 1000]),
+                     "map_k": "all" if top_k is None else top_k},
+        "seed": spec["seed"], "queries": {**spec["queries"], "audited": int(len(clean))},
+        "methods": spec["methods"], "eps": spec["eps"], "bits": bits,
+        "gallery_size": int(len(db_codes)), "classes": bundle.manifest.class_names,
+        "clean": {k: clean_fig[k] for k in ("map_k", "map_all", "map_1000", "p_r2", "top_n",
+                                           "pr_curve")},
+        "attacks": attacks, "examples": examples,
+    }
+
+
+def _examples(bundle: Any, method: str, eps: float, arr: dict[str, np.ndarray],
+              bits: int) -> list[dict[str, Any]]:
+    """Query / adversarial / perturbation and top-5 hits before and after, as base64 PNGs."""
+    clean_x, adv_x = arr["example_clean"], arr["example_adv"]
+    n = len(adv_x)
+    codes = np.concatenate([unpack_bits(arr["clean_codes"][:n], bits),
+                            unpack_bits(arr["adv_codes"][:n], bits)])
+    idx, dist = topk(pack_bits(codes), bundle.gallery.codes_packed, 5)
+    g = bundle.gallery
+    names = bundle.manifest.class_names
+    out = []
+    for i in range(n):
+        diff = adv_x[i].astype(np.int16) - clean_x[i].astype(np.int16)
+        span = max(1, int(np.abs(diff).max()))
+        pert = np.clip(127.5 + 127.5 * diff / span, 0, 255).astype(np.uint8)
+        lab = arr["labels"][i]
+
+        def hits(row: int, lab: np.ndarray = lab) -> list[dict[str, Any]]:
+            return [{"id": int(g.ids[j]), "hamming": int(d),
+                     "labels": [names[c] for c in np.flatnonzero(g.labels[j])],
+                     "relevant": bool((g.labels[j] & lab).any()),
+                     "png": _b64png(g.thumbnails[j])}
+                    for j, d in zip(idx[row].tolist(), dist[row].tolist(), strict=True)]
+
+        out.append({
+            "method": method, "eps": eps, "position": int(arr["positions"][i]),
+            "labels": [names[c] for c in np.flatnonzero(lab)],
+            "query_png": _b64png(clean_x[i]), "adversarial_png": _b64png(adv_x[i]),
+            "perturbation_png": _b64png(pert), "perturbation_scale_levels": span,
+            "hamming": int(arr["hamming"][i]),
+            "hits_clean": hits(i), "hits_adversarial": hits(n + i),
+        })
+    return out
