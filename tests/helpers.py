@@ -88,3 +88,27 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self._out.close()
+
+
+REDIS_TEST_URL = os.environ.get("HASHAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def start_worker(env: dict[str, str], log: Path, name: str):
+    """``hashaudit worker`` in a subprocess (returns the Popen; caller kills it)."""
+    import subprocess
+    import sys
+
+    out = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--name", name],
+                            stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, cwd=REPO)
+
+
+def stop_process(proc, timeout: float = 15) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except Exception:  # noqa: BLE001
+            proc.kill()
+            proc.wait(5)
