@@ -1,5 +1,5 @@
 # Two commands on a fresh Debian machine:
-#   make run    install everything, then evaluate the shipped default bundle
+#   make run    install everything, then serve the shipped default bundle (Swagger UI at /docs)
 #   make test   install everything, then run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,9 +10,15 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUNDLE ?= fmnist-dpsh-32
 
-.PHONY: run test install data tools lint bench-hashing bundle clean
+.PHONY: run eval test install data tools lint bench-service bench-audit bench-hashing bundle clean
 
-run: install data
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+run: install
+	HASHAUDIT_DEFAULT_BUNDLE=$(BUNDLE) $(VENV)/bin/hashaudit serve --host $(HOST) --port $(PORT)
+
+eval: install
 	$(VENV)/bin/hashaudit eval $(BUNDLE)
 
 test: install data tools
@@ -28,8 +34,13 @@ $(STAMP): pyproject.toml
 
 data: $(FMNIST)
 
-# docker-compose (v1, Debian) lets the deploy tests run `docker-compose config` (no engine needed)
-tools: /usr/bin/docker-compose
+# Test tools from Debian: chromium renders the audit report in a headless browser;
+# docker-compose (v1) lets the deploy tests run `docker-compose config` (no engine needed).
+tools: /usr/bin/chromium /usr/bin/docker-compose
+
+/usr/bin/chromium:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
 
 /usr/bin/docker-compose:
 	-$(SUDO) apt-get install -y -qq docker-compose
@@ -47,6 +58,12 @@ bundle: install data
 
 bench-hashing: install data
 	$(PY) benchmarks/hashing.py
+
+bench-service: install
+	$(PY) benchmarks/service.py
+
+bench-audit: install
+	$(PY) benchmarks/audit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
