@@ -16,6 +16,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def submit_announced(b: MicroBatcher, pairs: list[tuple[str, int]]) -> list:
+    """As the API does: every request announces itself, then submits with its ticket."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        tickets = [stack.enter_context(b.incoming()) for _ in pairs]
+        return await asyncio.gather(*[b.submit(k, i, t)
+                                      for (k, i), t in zip(pairs, tickets, strict=True)])
+
+
 def test_groups_by_key_and_keeps_order():
     calls: list[tuple[object, list[int]]] = []
     threads = set()
@@ -26,9 +36,9 @@ def test_groups_by_key_and_keeps_order():
         return [(key, i * 10) for i in items]
 
     async def main():
-        b = MicroBatcher(runner, max_batch=8, max_delay_ms=50)
+        b = MicroBatcher(runner, max_batch=8, max_delay_ms=500)
         b.start()
-        res = await asyncio.gather(*[b.submit("a" if i % 2 else "b", i) for i in range(10)])
+        res = await submit_announced(b, [("a" if i % 2 else "b", i) for i in range(10)])
         await b.stop()
         return res
 
@@ -39,7 +49,7 @@ def test_groups_by_key_and_keeps_order():
     assert threads and all(t.startswith("inference") for t in threads)
 
 
-def test_max_batch_and_delay_bound_the_wait():
+def test_waits_only_while_requests_are_arriving():
     sizes = []
 
     def runner(key, items):
@@ -47,47 +57,57 @@ def test_max_batch_and_delay_bound_the_wait():
         return items
 
     async def main():
-        b = MicroBatcher(runner, max_batch=4, max_delay_ms=1000)
+        b = MicroBatcher(runner, max_batch=4, max_delay_ms=300)
         b.start()
         t0 = time.perf_counter()
-        await asyncio.gather(*[b.submit("k", i) for i in range(8)])  # two full batches: no wait
+        await submit_announced(b, [("k", i) for i in range(8)])  # two full batches
         full = time.perf_counter() - t0
         t0 = time.perf_counter()
-        b.max_delay = 0.05
-        await b.submit("k", 99)  # alone: waits max_delay, then runs
+        await b.submit("k", 99)  # alone, nobody arriving: runs at once
         alone = time.perf_counter() - t0
+        with b.incoming():  # announced but never submitted: the batch waits max_delay
+            t0 = time.perf_counter()
+            await b.submit("k", 100)
+            waited = time.perf_counter() - t0
         await b.stop()
-        return full, alone
+        return full, alone, waited
 
-    full, alone = run(main())
-    assert sizes == [4, 4, 1]
-    assert full < 0.5 and 0.04 <= alone < 0.5
+    full, alone, waited = run(main())
+    assert sizes == [4, 4, 1, 1]
+    assert full < 0.25 and alone < 0.1 and 0.28 <= waited < 1.0
 
 
 def test_full_queue_raises_busy_and_errors_reach_every_waiter():
     rejected = []
+    running, release = threading.Event(), threading.Event()
 
     def runner(key, items):
         if key == "bad":
             raise ValueError("boom")
-        time.sleep(0.05)
+        running.set()
+        release.wait(5)
         return items
 
     async def main():
-        b = MicroBatcher(runner, max_batch=2, max_delay_ms=100, max_queue=3,
+        b = MicroBatcher(runner, max_batch=2, max_delay_ms=0, max_queue=3,
                          on_reject=lambda: rejected.append(1))
         b.start()
-        res = await asyncio.gather(*[b.submit("k", i) for i in range(5)],
-                                   return_exceptions=True)
+        first = asyncio.ensure_future(b.submit("k", 0))
+        while not running.is_set():  # the first batch holds the inference thread
+            await asyncio.sleep(0.005)
+        rest = [asyncio.ensure_future(b.submit("k", i)) for i in range(1, 5)]
+        await asyncio.sleep(0.05)
+        release.set()
+        res = await asyncio.gather(first, *rest, return_exceptions=True)
         bad = await asyncio.gather(b.submit("bad", 1), b.submit("bad", 2),
                                    return_exceptions=True)
         await b.stop()
         return res, bad
 
     res, bad = run(main())
-    assert res[:3] == [0, 1, 2]
-    assert all(isinstance(r, Busy) and r.retry_after == 1 for r in res[3:])
-    assert len(rejected) == 2
+    assert res[:4] == [0, 1, 2, 3]
+    assert isinstance(res[4], Busy) and res[4].retry_after == 1
+    assert len(rejected) == 1
     assert all(isinstance(e, ValueError) for e in bad)
 
 

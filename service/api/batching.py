@@ -1,11 +1,13 @@
 """Micro-batcher: concurrent requests for the same (model, kind, method, eps) share one pass.
 
 Requests wait in a bounded queue. One inference thread, off the event loop, picks the key of
-the oldest waiting request, lets that batch fill for at most ``max_delay_ms`` (or until
-``max_batch``), runs it and hands each result back to the event loop. The thread forms the
-next batch itself as soon as one finishes, so a busy event loop never leaves the model idle;
-while a batch runs new requests pile up, so under load batches fill without waiting. A full
-queue answers :class:`Busy` (503 + Retry-After).
+the oldest waiting request and lets that batch fill, up to ``max_batch``, for at most
+``max_delay_ms``, but only while more requests are on their way in (announced with
+:meth:`MicroBatcher.incoming` while their uploads are decoded): a lone request runs at once.
+The thread runs the batch, hands each result back to the event loop and forms the next batch
+itself, so a busy event loop never leaves the model idle; while a batch runs new requests
+pile up, so under load batches fill without waiting. A full queue answers :class:`Busy`
+(503 + Retry-After).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import Busy
@@ -28,6 +31,13 @@ Runner = Callable[[Hashable, list[Any]], list[Any]]
 
 class _Call:
     """Key of one-off calls (warm-up, loading) that must run on the inference thread."""
+
+
+@dataclass
+class Ticket:
+    """An announced request (see :meth:`MicroBatcher.incoming`)."""
+
+    open: bool = field(default=True)
 
 
 @dataclass
@@ -75,6 +85,7 @@ class MicroBatcher:
         self.on_reject = on_reject
         self._queues: OrderedDict[Hashable, deque[_Pending]] = OrderedDict()
         self._depth = 0
+        self._arriving = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -110,12 +121,35 @@ class MicroBatcher:
         if self.on_depth is not None:
             self.on_depth(depth)
 
-    def _enqueue(self, key: Hashable, item: Any, check_limit: bool) -> asyncio.Future:
+    @contextmanager
+    def incoming(self) -> Iterator[Ticket]:
+        """Announce a request that will be submitted soon (while its upload is decoded), so a
+        forming batch waits for it; pass the ticket to :meth:`submit`."""
+        ticket = Ticket()
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield ticket
+        finally:
+            self._close(ticket)
+
+    def _close(self, ticket: Ticket | None) -> None:
+        if ticket is not None and ticket.open:
+            with self._cond:
+                ticket.open = False
+                self._arriving -= 1
+                self._cond.notify()
+
+    def _enqueue(self, key: Hashable, item: Any, check_limit: bool,
+                 ticket: Ticket | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         if self._thread is None or self._stopping:
             raise Busy("the inference queue is not running", retry_after=5)
         fut = loop.create_future()
         with self._cond:
+            if ticket is not None and ticket.open:
+                ticket.open = False
+                self._arriving -= 1
             if check_limit and self._depth >= self.max_queue:
                 if self.on_reject is not None:
                     self.on_reject()
@@ -127,9 +161,9 @@ class MicroBatcher:
             self._cond.notify()
         return fut
 
-    async def submit(self, key: Hashable, item: Any) -> Any:
+    async def submit(self, key: Hashable, item: Any, ticket: Ticket | None = None) -> Any:
         """Queue ``item`` under ``key`` and wait for its result."""
-        return await self._enqueue(key, item, check_limit=True)
+        return await self._enqueue(key, item, check_limit=True, ticket=ticket)
 
     async def run_in_thread(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the inference thread (loading, warm-up), in queue order."""
@@ -157,7 +191,8 @@ class MicroBatcher:
                 q = self._queues[key]
                 if not isinstance(key, _Call):
                     deadline = q[0].enqueued + self.max_delay
-                    while len(q) < self.max_batch and not self._stopping:
+                    while (len(q) < self.max_batch and self._arriving > 0
+                           and not self._stopping):
                         left = deadline - time.perf_counter()
                         if left <= 0:
                             break

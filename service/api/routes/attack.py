@@ -78,17 +78,18 @@ async def attack(
     method and eps that arrive together run as one batch (`batch_size`)."""
     t0 = time.perf_counter()
     state = get_state(request)
-    svc = service_for(state, model)
-    name = svc.check_method(method)
-    eps_v = svc.check_eps(eps)
-    _check_top_k(state, top_k)
-    lab = svc.labels_for(labels, "labels")
-    tgt = svc.labels_for(target, "target") if target else None
-    svc.check_attack_inputs(name, lab, tgt)
-    query = await _decode(state, svc, image)
-    query.labels, query.target, query.top_k = lab, tgt, top_k
-    t_pre = time.perf_counter() - t0
-    result = await state.batcher.submit((svc.name, "attack", name, eps_v), query)
+    with state.batcher.incoming() as ticket:
+        svc = service_for(state, model)
+        name = svc.check_method(method)
+        eps_v = svc.check_eps(eps)
+        _check_top_k(state, top_k)
+        lab = svc.labels_for(labels, "labels")
+        tgt = svc.labels_for(target, "target") if target else None
+        svc.check_attack_inputs(name, lab, tgt)
+        query = await _decode(state, svc, image)
+        query.labels, query.target, query.top_k = lab, tgt, top_k
+        t_pre = time.perf_counter() - t0
+        result = await state.batcher.submit((svc.name, "attack", name, eps_v), query, ticket)
     return _finish(result, t0, t_pre)
 
 
@@ -104,11 +105,12 @@ async def encode(
 ) -> JSON:
     t0 = time.perf_counter()
     state = get_state(request)
-    svc = service_for(state, model)
-    _check_top_k(state, top_k)
-    lab = svc.labels_for(labels, "labels") if labels else None
-    query = await _decode(state, svc, image)
-    query.labels, query.top_k = lab, top_k
-    t_pre = time.perf_counter() - t0
-    result = await state.batcher.submit((svc.name, "encode", None, None), query)
+    with state.batcher.incoming() as ticket:
+        svc = service_for(state, model)
+        _check_top_k(state, top_k)
+        lab = svc.labels_for(labels, "labels") if labels else None
+        query = await _decode(state, svc, image)
+        query.labels, query.top_k = lab, top_k
+        t_pre = time.perf_counter() - t0
+        result = await state.batcher.submit((svc.name, "encode", None, None), query, ticket)
     return _finish(result, t0, t_pre)
