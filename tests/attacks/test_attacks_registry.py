@@ -59,12 +59,27 @@ def test_every_untargeted_attack_lowers_map(bundle, method) -> None:
     assert res.hamming.mean() > 0.5, "the attack hardly moved any code"
     clean = retrieval_figures(res.clean_codes, q.labels, db_codes, db_labels, curves=False)
     adv = retrieval_figures(res.adv_codes, q.labels, db_codes, db_labels, curves=False)
-    assert adv["map_all"] < clean["map_all"], (clean["map_all"], adv["map_all"])
     if method != "untargeted_gan":
         # The paper's loss saturates (tanh of large hasher outputs) and, trained for three
-        # tiny epochs, moves the mAP by only ~0.005 here; on the shipped bundle it takes
-        # 0.888 to 0.730 at 8/255 (benchmarks/attacks.py). Every other attack must bite.
+        # tiny epochs, moves this tiny bundle's mAP by +-0.005 from run to run; the shipped
+        # bundle's generators are checked below. Every other attack must bite.
         assert adv["map_all"] < clean["map_all"] - 0.02, (clean["map_all"], adv["map_all"])
+
+
+@pytest.mark.parametrize("method", ["untargeted_gan", "untargeted_gan_plus"])
+def test_shipped_generators_lower_map(method) -> None:
+    """The default bundle's trained generators: 300 queries at 16/255."""
+    from helpers import REPO
+    from service.store import ModelStore
+
+    shipped = ModelStore(REPO / "model_store", "cpu").get("fmnist-dpsh-32")
+    q = shipped.queries
+    images, labels = q.images[:300], q.labels[:300]
+    res = attack_batch(shipped, method, 16 / 255, images, labels)
+    db_codes, db_labels = shipped.gallery.codes(32), shipped.gallery.labels
+    clean = retrieval_figures(res.clean_codes, labels, db_codes, db_labels, curves=False)
+    adv = retrieval_figures(res.adv_codes, labels, db_codes, db_labels, curves=False)
+    assert adv["map_all"] < clean["map_all"] - 0.2, (clean["map_all"], adv["map_all"])
 
 
 @pytest.mark.parametrize("method", TARGETED)
