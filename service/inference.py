@@ -195,7 +195,18 @@ class BundleService:
         return [n for n in ATTACKS.names()
                 if not issubclass(ATTACKS.get(n), GeneratorAttack) or n in self.generators]
 
-    def check_method(self, method: str | None) -> str:
+    @property
+    def label_free_method(self) -> str | None:
+        """The bundle's label-free default (a trained ``uaa_gan``), if any."""
+        return "uaa_gan" if "uaa_gan" in self.generators else None
+
+    def check_method(self, method: str | None, has_labels: bool = True) -> str:
+        if not method and not has_labels:
+            if self.label_free_method is None:
+                raise AttackInputError(
+                    "labels: give the query's labels (this bundle has no label-free generator;"
+                    " label-free methods: pgd, hag)", field="labels")
+            return self.label_free_method
         method = method or self.default_method
         names = self.methods()
         if method not in names:
@@ -222,9 +233,9 @@ class BundleService:
     def check_attack_inputs(self, method: str, labels: np.ndarray | None,
                             target: np.ndarray | None) -> None:
         cls = ATTACKS.get(method, field="method")
-        if labels is None:
-            raise AttackInputError("labels: give the query's labels (class indices or names)",
-                                   field="labels")
+        if labels is None and (cls.needs_labels or cls.needs_context):
+            raise AttackInputError(f"labels: {method} needs the query's labels (class indices "
+                                   "or names)", field="labels")
         if cls.targeted and target is None:
             raise AttackInputError(f"target: {method} is targeted; give a target label",
                                    field="target")
@@ -300,7 +311,9 @@ class BundleService:
     def attack(self, method: str, eps: float, queries: list[Query]) -> list[dict[str, Any]]:
         """Attack, re-hash, search before/after and build one answer per query."""
         images = np.stack([q.image for q in queries])
-        labels = np.stack([q.labels for q in queries])  # checked before queueing
+        # methods that need labels were checked before queueing; label-free ones may mix
+        labels = (np.stack([q.labels for q in queries])
+                  if all(q.labels is not None for q in queries) else None)
         targeted = ATTACKS.get(method).targeted
         target = np.stack([q.target for q in queries]) if targeted else None
         t0 = time.perf_counter()
@@ -309,7 +322,15 @@ class BundleService:
         k = max(q.top_k for q in queries)
         both = np.concatenate([res.clean_codes, res.adv_codes])
         idx, dist = self._hits(both, k)
-        protos, source = self._prototype_codes(labels)
+        with_labels = [q.labels for q in queries if q.labels is not None]
+        protos, source = (self._prototype_codes(np.stack(with_labels)) if with_labels
+                          else (None, None))
+        proto_of = {}
+        j = 0
+        for n, q in enumerate(queries):
+            if q.labels is not None:
+                proto_of[n] = protos[j]
+                j += 1
         tprotos = self._prototype_codes(target)[0] if target is not None else None
         t2 = time.perf_counter()
         b = len(queries)
@@ -320,11 +341,13 @@ class BundleService:
                                             q.target)
             hits_a, prec_a = self._hit_rows(idx[b + n, :q.top_k], dist[b + n, :q.top_k],
                                             q.labels, q.target)
+            p_code = proto_of.get(n)
             hamming = {
                 "clean_vs_adversarial": int(res.hamming[n]),
-                "clean_vs_prototype": int((clean_c != protos[n]).sum()),
-                "adversarial_vs_prototype": int((adv_c != protos[n]).sum()),
-                "prototype_source": source,
+                "clean_vs_prototype": None if p_code is None else int((clean_c != p_code).sum()),
+                "adversarial_vs_prototype": (None if p_code is None
+                                             else int((adv_c != p_code).sum())),
+                "prototype_source": None if p_code is None else source,
             }
             if tprotos is not None:
                 hamming["adversarial_vs_target_prototype"] = int((adv_c != tprotos[n]).sum())
@@ -354,6 +377,9 @@ class BundleService:
         query = Query(image=q.images[0], labels=q.labels[0], top_k=1)
         self.encode([query])
         self.attack(self.default_method, min(DEFAULT_EPS, self.max_eps), [query])
+        if self.label_free_method:
+            self.attack(self.label_free_method, min(DEFAULT_EPS, self.max_eps),
+                        [Query(image=q.images[0], top_k=1)])
 
     # ---- thumbnails (any thread)
 
@@ -384,7 +410,8 @@ class BundleService:
             "classes": self.classes, "input": self.input,
             "dataset": m.dataset.get("name"),
             "gallery_size": len(self.bundle.gallery), "query_size": len(self.bundle.queries),
-            "default_method": self.default_method, "max_eps": self.max_eps,
+            "default_method": self.default_method,
+            "label_free_method": self.label_free_method, "max_eps": self.max_eps,
             "attacks": [self._method_json(n) for n in self.methods()],
             "evaluation": {k: ev.get(k) for k in ("map_all", "map_1000", "p_r2",
                                                   "num_queries", "num_database")},

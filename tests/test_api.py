@@ -150,6 +150,24 @@ def test_attack_resizes_rgb_jpeg_and_says_so(api_server):
     assert body["labels"] == ["Coat", "Bag"]
 
 
+def test_attack_without_labels_uses_the_label_free_generator(api_server, tiny_bundle):
+    clean = tiny_bundle.queries.images[7]
+    r = httpx.post(f"{api_server.url}/attack", files={"image": ("q.png", png_bytes(clean))},
+                   data={"eps": "16/255", "top_k": "5"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["method"] == "uaa_gan" and body["labels"] is None
+    assert body["precision_at_k"] == {"clean": None, "adversarial": None}
+    assert body["hamming"]["clean_vs_prototype"] is None
+    assert all("relevant" not in h for h in body["hits"]["adversarial"])
+    adv = np.asarray(decode_png(body["adversarial_png"]))[None]
+    assert np.abs(adv.astype(int) - clean.astype(int)).max() <= 16
+    codes = encode_uint8(tiny_bundle.hasher, np.stack([clean, adv]))
+    assert body["codes"]["adversarial"]["hex"] == codes_to_hex(codes[1])
+    m = httpx.get(f"{api_server.url}/models/tiny").json()
+    assert m["label_free_method"] == "uaa_gan"
+
+
 def test_encode_and_models_and_thumbnails(api_server, tiny_bundle):
     clean = tiny_bundle.queries.images[5]
     r = httpx.post(f"{api_server.url}/encode", files={"image": ("q.png", png_bytes(clean))},
@@ -165,7 +183,7 @@ def test_encode_and_models_and_thumbnails(api_server, tiny_bundle):
     m = models["models"][0]
     assert m["bits"] == 16 and len(m["classes"]) == 10
     gens = {a["name"]: a for a in m["attacks"] if a["kind"] == "generator"}
-    assert set(gens) == {"untargeted_gan", "untargeted_gan_plus"}
+    assert set(gens) == {"untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan"}
     detail = httpx.get(f"{api_server.url}/models/tiny").json()
     assert detail["evaluation"]["figures"]["map_all"] == pytest.approx(
         tiny_bundle.manifest.evaluation["figures"]["map_all"])
@@ -227,9 +245,9 @@ def test_bad_input_gets_json_4xx_and_server_keeps_serving(api_server, tiny_bundl
 def test_missing_fields_and_unknown_routes(api_server):
     r = httpx.post(f"{api_server.url}/attack", data={"labels": "0"})
     assert_error(r, 422, "image", "validation_error")
-    r = httpx.post(f"{api_server.url}/attack",
+    r = httpx.post(f"{api_server.url}/attack", data={"method": "untargeted_gan"},
                    files={"image": ("q.png", bomb_png(28, 28))})
-    assert_error(r, 422, "labels", "validation_error")
+    assert_error(r, 422, "labels", "bad_attack_input")
     assert_error(httpx.get(f"{api_server.url}/nothing-here"), 404, None, "not_found")
     assert_error(httpx.get(f"{api_server.url}/attack"), 405, None, "method_not_allowed")
 

@@ -54,10 +54,12 @@ class Precision(BaseModel):
 
 class Hamming(BaseModel):
     clean_vs_adversarial: int
-    clean_vs_prototype: int = Field(description="clean code vs the query label's prototype code")
-    adversarial_vs_prototype: int
+    clean_vs_prototype: int | None = Field(
+        description="clean code vs the query label's prototype code (null without labels)")
+    adversarial_vs_prototype: int | None
     adversarial_vs_target_prototype: int | None = None
-    prototype_source: str = Field(description="prototype_net, or database_vote without one")
+    prototype_source: str | None = Field(
+        description="prototype_net, or database_vote without one; null without labels")
 
 
 class Perturbation(BaseModel):
@@ -83,7 +85,7 @@ class AttackResponse(BaseModel):
     eps: float
     eps_levels: int = Field(description="allowed change in grey levels: floor(eps * 255)")
     seed: int
-    labels: list[str]
+    labels: list[str] | None
     target: list[str] | None
     preprocess: Preprocess
     adversarial_png: str = Field(description="base64 PNG at the model's input size and mode")
@@ -136,6 +138,7 @@ class ModelSummary(BaseModel):
     gallery_size: int
     query_size: int
     default_method: str
+    label_free_method: str | None
     max_eps: float
     attacks: list[AttackInfo]
     evaluation: dict[str, Any]

@@ -7,6 +7,7 @@ from service.attacks import dhta as _dhta  # noqa: F401
 from service.attacks import generator as _generator  # noqa: F401
 from service.attacks import hag as _hag  # noqa: F401
 from service.attacks import pgd as _pgd  # noqa: F401
+from service.attacks import tha as _tha  # noqa: F401
 from service.attacks.base import (
     ATTACKS,
     Attack,

@@ -4,6 +4,8 @@
 ``untargeted_gan_plus`` (same networks, a training loss whose hashing term does not saturate)
 share this inference code: PrototypeNet label feature -> decoder label map -> generator
 perturbation (tanh scaled by the generator's trained eps) -> projection to the requested eps.
+``uaa_gan`` (UAA-GAN, label-free) runs the generator on the image alone; ``targeted_gan``
+(ProS-GAN style) conditions the same networks on the *target* label.
 The trained parts come from the bundle (:meth:`service.store.Bundle.generator_parts`).
 """
 
@@ -22,6 +24,7 @@ class GeneratorAttack(Attack):
 
     needs_labels = True
     iterative = False
+    conditional = True  # the generator sees a decoded label map (False: image only)
 
     def __init__(self, hasher: Any, eps: float, parts: dict[str, Any] | None = None,
                  **kw: Any) -> None:
@@ -30,8 +33,11 @@ class GeneratorAttack(Attack):
             raise AttackInputError(
                 f"{self.name} needs a generator trained for this bundle "
                 "(hashaudit train generator)", field="method")
-        self.prototype: nn.Module = parts["prototype"].eval()
-        self.decoder: nn.Module = parts["decoder"].eval()
+        self.prototype: nn.Module | None = parts["prototype"]
+        self.decoder: nn.Module | None = parts["decoder"]
+        if self.conditional and (self.prototype is None or self.decoder is None):
+            raise AttackInputError(f"{self.name} needs a PrototypeNet and a label decoder",
+                                   field="method")
         self.generator: nn.Module = parts["generator"].eval()
         self.trained_eps = float(parts["eps"])
         lo = parts["entry"].get("training", {}).get("eps_range", [self.trained_eps])[0]
@@ -43,7 +49,8 @@ class GeneratorAttack(Attack):
                 f"{self.name} was trained for eps <= {self.trained_eps:.4f}; "
                 f"asked for {self.eps:.4f}", field="eps")
         for m in (self.prototype, self.decoder, self.generator):
-            m.requires_grad_(False)
+            if m is not None:
+                m.eval().requires_grad_(False)
 
     def label_maps(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoded label maps; each distinct label set in the batch is decoded once."""
@@ -53,7 +60,8 @@ class GeneratorAttack(Attack):
 
     def perturb(self, x, labels, target, gen):
         with torch.inference_mode():
-            cond = self.label_maps(target if self.targeted else labels)
+            cond = (self.label_maps(target if self.targeted else labels)
+                    if self.conditional else None)
             delta = self.generator(x, cond, self.scale_eps)
         return (x + delta).clone()
 
@@ -66,3 +74,19 @@ class UntargetedGAN(GeneratorAttack):
 @register_attack("untargeted_gan_plus")
 class UntargetedGANPlus(GeneratorAttack):
     """UntargetedGAN networks trained with the non-saturating hashing term."""
+
+
+@register_attack("uaa_gan")
+class UAAGAN(GeneratorAttack):
+    """UAA-GAN: label-free generator (LSGAN + reconstruction + hard-negative metric loss)."""
+
+    needs_labels = False
+    conditional = False
+
+
+@register_attack("targeted_gan")
+class TargetedGAN(GeneratorAttack):
+    """Targeted generator (ProS-GAN style): conditioned on the target label's prototype."""
+
+    needs_labels = False
+    targeted = True

@@ -126,13 +126,15 @@ def render_html(status: dict[str, Any]) -> str:
              f"</p>"]
     parts.append("<h2>Figures</h2><table><tr><th class='l'>method</th><th>eps</th>"
                  f"<th>mAP@{k} clean</th><th>mAP@{k} attacked</th><th>drop %</th>"
-                 "<th>t-MAP</th><th>P@r≤2</th><th>mean Hamming moved</th><th>codes changed %</th>"
+                 "<th>t-MAP</th><th>t-MAP ceiling (anchor)</th><th>P@r≤2</th>"
+                 "<th>mean Hamming moved</th><th>codes changed %</th>"
                  "<th>L∞ max</th><th>RMSE</th><th>PSNR dB</th><th>ms / image</th></tr>")
     for a in r["attacks"]:
         parts.append(
             f"<tr><td class='l'>{html.escape(a['method'])}</td><td>{a['eps_levels']}/255</td>"
             f"<td>{_f(clean['map_k'])}</td><td>{_f(a['map_k'])}</td>"
             f"<td>{_f(a['drop_pct'], '.1f')}</td><td>{_f(a.get('t_map'))}</td>"
+            f"<td>{_f(a.get('t_map_ceiling_anchor'))}</td>"
             f"<td>{_f(a['p_r2'])}</td><td>{_f(a['mean_hamming'], '.2f')}</td>"
             f"<td>{_f(a['flipped_any_pct'], '.1f')}</td><td>{_f(a['linf_max'] * 255, '.0f')}/255"
             f"</td><td>{_f(a['rmse_mean'])}</td><td>{_f(a['psnr_mean_db'], '.1f')}</td>"

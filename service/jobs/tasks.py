@@ -284,6 +284,7 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
                 row["t_map"] = targeted_map(adv, db_codes, arr["target"], db_labels, top_k)
                 row["t_map_clean"] = targeted_map(unpack_bits(arr["clean_codes"], bits),
                                                   db_codes, arr["target"], db_labels, top_k)
+                row.update(_t_map_ceilings(bundle, arr["target"], db_codes, db_labels, top_k))
             attacks.append(row)
             if "example_adv" in arr and ei == len(spec["eps"]) - 1:
                 examples.extend(_examples(bundle, method, eps, arr, bits))
@@ -299,6 +300,23 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
                                            "pr_curve")},
         "attacks": attacks, "examples": examples,
     }
+
+
+def _t_map_ceilings(bundle: Any, target: np.ndarray, db_codes: np.ndarray,
+                    db_labels: np.ndarray, top_k: int | None) -> dict[str, float]:
+    """t-MAP of the target codes themselves: what a perfect targeted attack would reach."""
+    import torch
+
+    from service.attacks.factory import bundle_context
+
+    ctx = bundle_context(bundle)
+    t = torch.from_numpy(target).float().to(bundle.device)
+    out = {"t_map_ceiling_anchor": targeted_map(
+        ctx.anchor_codes(t).cpu().numpy(), db_codes, target, db_labels, top_k)}
+    if ctx.prototype is not None:
+        out["t_map_ceiling_prototype"] = targeted_map(
+            ctx.prototype_codes(t).cpu().numpy(), db_codes, target, db_labels, top_k)
+    return out
 
 
 def _examples(bundle: Any, method: str, eps: float, arr: dict[str, np.ndarray],

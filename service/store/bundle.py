@@ -118,11 +118,12 @@ class Bundle:
         key = entry["file"]
         if key not in self._parts:
             dec, gen = load_generator(self.path, entry, _load_tensors)
-            self._parts[key] = (dec.to(self.device), gen.to(self.device))
-        proto = self.prototype()
-        if proto is None:
-            raise BundleError(f"{self.name}: generator {key} present but no PrototypeNet")
+            self._parts[key] = (None if dec is None else dec.to(self.device),
+                                gen.to(self.device))
         dec, gen = self._parts[key]
+        proto = self.prototype() if dec is not None else None
+        if dec is not None and proto is None:
+            raise BundleError(f"{self.name}: generator {key} present but no PrototypeNet")
         return {"prototype": proto, "decoder": dec, "generator": gen, "eps": entry["eps"],
                 "entry": entry}
 

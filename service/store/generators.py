@@ -83,7 +83,7 @@ def _save_prototype(folder: Path, manifest: Manifest, proto: nn.Module, arch: di
                                               PROTOTYPE_FILE}))
 
 
-def save_generator(folder: Path, attack: str, eps: float, decoder: nn.Module,
+def save_generator(folder: Path, attack: str, eps: float, decoder: nn.Module | None,
                    generator: nn.Module, arch: dict[str, Any], training: dict[str, Any],
                    evaluation: dict[str, Any]) -> Manifest:
     """Write one generator (replacing an earlier one of the same attack and eps) and re-seal."""
@@ -93,10 +93,13 @@ def save_generator(folder: Path, attack: str, eps: float, decoder: nn.Module,
 
 
 def _save_generator(folder: Path, manifest: Manifest, attack: str, eps: float,
-                    decoder: nn.Module, generator: nn.Module, arch: dict[str, Any],
+                    decoder: nn.Module | None, generator: nn.Module, arch: dict[str, Any],
                     training: dict[str, Any], evaluation: dict[str, Any]) -> Manifest:
     fname = f"gen_{attack}_{eps_tag(eps)}.safetensors"
-    write_payload(folder, fname, {**_half(decoder, "decoder."), **_half(generator, "generator.")})
+    parts = _half(generator, "generator.")
+    if decoder is not None:  # label-free generators (uaa_gan) have no label decoder
+        parts.update(_half(decoder, "decoder."))
+    write_payload(folder, fname, parts)
     entry = {
         "attack": attack, "eps": float(eps), "file": fname, "arch": arch, "dtype": "float16",
         "target_hasher_sha": sha256_file(folder / manifest.hasher.get("weights",
@@ -144,11 +147,15 @@ def pick_generator(manifest: Manifest, attack: str, eps: float) -> dict[str, Any
     return min(cands, key=lambda g: g["eps"])
 
 
-def load_generator(folder: Path, entry: dict[str, Any], load: Any) -> tuple[nn.Module, nn.Module]:
+def load_generator(folder: Path, entry: dict[str, Any],
+                   load: Any) -> tuple[nn.Module | None, nn.Module]:
+    """(decoder or None for label-free generators, generator), float32, eval mode."""
     t = load(folder, entry["file"])
     where = f"{folder.name}/{entry['file']}"
-    dec = _load_into(create_net("label_decoder", **entry["arch"]["label_decoder"]), t,
-                     "decoder.", where)
+    dec = None
+    if "label_decoder" in entry["arch"]:
+        dec = _load_into(create_net("label_decoder", **entry["arch"]["label_decoder"]), t,
+                         "decoder.", where)
     gen = _load_into(create_net("perturbation_generator",
                                 **entry["arch"]["perturbation_generator"]), t, "generator.", where)
     return dec, gen

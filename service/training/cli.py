@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generator", help="train an attack generator into a bundle")
     g.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
     g.add_argument("--attack", default="untargeted_gan_plus",
-                   help="untargeted_gan (paper loss) or untargeted_gan_plus")
+                   help="untargeted_gan (paper loss), untargeted_gan_plus, uaa_gan "
+                        "(label-free UAA-GAN) or targeted_gan (ProS-GAN style)")
     g.add_argument("--eps", type=parse_eps, default=None,
                    help="train for this one eps (e.g. 8/255); default: the range below")
     g.add_argument("--eps-min", type=parse_eps, default=GeneratorConfig.eps_min)
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=GeneratorConfig.width)
     g.add_argument("--num-train", type=int, default=GeneratorConfig.num_train)
     g.add_argument("--weights", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
-                   help="loss weights a (hashing), b (L2), c (discriminator)")
+                   help="loss weights a (hashing/metric), b (L2), c (discriminator)")
+    g.add_argument("--margin", type=float, default=GeneratorConfig.margin,
+                   help="uaa_gan: triplet margin on relaxed-code distance (0..4)")
     g.add_argument("--seed", type=int, default=0)
     _common(g)
     return parser
@@ -142,7 +145,7 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
     cfg = GeneratorConfig(attack=args.attack, eps_min=lo, eps_max=hi, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
                           width=args.width, num_train=args.num_train, seed=args.seed,
-                          weight_t=a, weight_q=b, weight_d=c)
+                          weight_t=a, weight_q=b, weight_d=c, margin=args.margin)
     try:
         entry = train_generator(folder, cfg, device=device, checkpoint_dir=args.checkpoint_dir,
                                 progress=not args.no_progress)
@@ -151,5 +154,7 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
         return 2
     last = entry["training"]["history"][-1]
     print(f"{entry['attack']} (eps {lo:.4f}..{hi:.4f}) written to {folder / entry['file']}; "
-          f"last epoch: bits flipped {last['bits_flipped']:.3f}, L_T {last['l_t']:.4f}")
+          f"last epoch: bits flipped {last['bits_flipped']:.3f}, "
+          f"{'L_metric' if 'l_metric' in last else 'L_T'} "
+          f"{last.get('l_metric', last.get('l_t', float('nan'))):.4f}")
     return 0

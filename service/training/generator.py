@@ -51,7 +51,9 @@ from service.training.losses import _pairwise_nll
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("untargeted_gan", "untargeted_gan_plus")
+VARIANTS = ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan")
+LABEL_FREE = ("uaa_gan",)
+TARGETED = ("targeted_gan",)
 
 
 @dataclass
@@ -86,10 +88,16 @@ class GeneratorConfig:
     skips: bool = False  # U-Net skips in the generator (not in the paper)
     diversity: float = 0.0  # weight of mean cosine similarity of same-label perturbations
     distill: float = 0.0  # weight of ||delta/eps - (-sign grad L_T(x))||^2 (FGSM direction)
+    margin: float = 0.5  # uaa_gan: triplet margin on the relaxed-code distance (range 0..4)
     seed: int = 0
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
 
     def weights(self) -> tuple[float, float, float]:
+        """(a, b, c): hashing/metric term, reconstruction, GAN term."""
+        if self.attack in LABEL_FREE:  # UAA-GAN: lambda_m, lambda_r, LSGAN weight
+            return (self.weight_t if self.weight_t is not None else 1.0,
+                    self.weight_q if self.weight_q is not None else 0.01,
+                    self.weight_d if self.weight_d is not None else 0.1)
         paper = self.attack == "untargeted_gan"
         a = self.weight_t if self.weight_t is not None else 1.0
         b = self.weight_q if self.weight_q is not None else 1.0
@@ -160,9 +168,36 @@ def _hash_term(cfg: GeneratorConfig, u: torch.Tensor, h_q: torch.Tensor, u0: tor
     k = u.shape[1]
     if cfg.attack == "untargeted_gan":
         return (h_q * torch.tanh(u)).sum(1).mean() / k
+    if cfg.attack in TARGETED:
+        # pull toward the target prototype; only bits that do not match it yet count
+        anchor = torch.where(h_q >= 0, 1.0, -1.0)
+        miss = (anchor * u <= 0).float().detach()
+        return -(miss * anchor * torch.tanh(scale * u)).sum(1).mean() / k
     anchor = torch.where((u0 if cfg.anchor == "own" else h_q) >= 0, 1.0, -1.0)
     agree = (anchor * u > 0).float().detach()
     return (agree * anchor * torch.tanh(scale * u)).sum(1).mean() / k
+
+
+def _metric_term(u0: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
+                 margin: float) -> torch.Tensor:
+    """UAA-GAN: max(d(f_x, f_x') + m - d(f_x, f_adv), 0) with x' the hardest negative.
+
+    f = tanh(scale * u) (relaxed codes), d = mean squared difference (0..4); x' is the other
+    batch image whose code is nearest to x's (online hard-negative mining in the batch).
+    """
+    f_x = torch.tanh(scale * u0)
+    f_adv = torch.tanh(scale * u)
+    d_adv = (f_x - f_adv).pow(2).mean(1)
+    d_all = torch.cdist(f_x, f_x).pow(2) / f_x.shape[1]
+    d_all = d_all + torch.eye(len(f_x), device=f_x.device) * 1e6
+    d_neg = d_all.min(1).values
+    return F.relu(d_neg + margin - d_adv).mean()
+
+
+def random_targets(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One random target class per row among the classes the row does not have."""
+    scores = torch.rand(labels.shape, generator=gen).to(labels.device) * (1 - labels)
+    return F.one_hot(scores.argmax(1), labels.shape[1]).float()
 
 
 def train_generator(
@@ -185,8 +220,9 @@ def train_generator(
     hasher = bundle.hasher
     images, labels = _train_images(bundle, cfg.num_train, cfg.seed)
     m = bundle.manifest
+    label_free = cfg.attack in LABEL_FREE
     proto = bundle.prototype()
-    if proto is None:
+    if proto is None and not label_free:
         proto, info = train_prototype(bundle, images, labels, cfg.prototype, dev, progress)
         save_prototype(bundle_path, proto.cpu(), info["arch"], info["training"])
         proto = proto.to(dev)
@@ -196,16 +232,22 @@ def train_generator(
     shapes["perturbation_generator"].update(blocks=cfg.blocks, norm=cfg.norm)
     if cfg.skips:
         shapes["perturbation_generator"]["skips"] = True
+    if label_free:  # image only; the discriminator scores real/fake (LSGAN), no labels
+        shapes["perturbation_generator"]["cond_channels"] = 0
+        shapes["label_discriminator"]["num_classes"] = 0
     torch.manual_seed(cfg.seed)
-    decoder = create_net("label_decoder", **shapes["label_decoder"]).to(dev)
+    decoder = (None if label_free
+               else create_net("label_decoder", **shapes["label_decoder"]).to(dev))
     generator = create_net("perturbation_generator", **shapes["perturbation_generator"]).to(dev)
     disc = create_net("label_discriminator", **shapes["label_discriminator"]).to(dev)
-    opt_g = torch.optim.Adam([*decoder.parameters(), *generator.parameters()], lr=cfg.lr,
-                             betas=(0.5, 0.999))
+    g_params = [*generator.parameters()] + ([] if decoder is None else [*decoder.parameters()])
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
     a, b, c = cfg.weights()
 
-    modules = {"decoder": decoder, "generator": generator, "disc": disc}
+    modules = {"generator": generator, "disc": disc}
+    if decoder is not None:
+        modules["decoder"] = decoder
     start, history = 0, []
     if checkpoint_dir is not None:
         both = _Pair(opt_g, opt_d)
@@ -217,9 +259,8 @@ def train_generator(
     log_lo, log_hi = math.log(cfg.eps_min), math.log(cfg.eps_max)
     t_all = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        decoder.train()
-        generator.train()
-        disc.train()
+        for mod in modules.values():
+            mod.train()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
         order = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
@@ -232,11 +273,36 @@ def train_generator(
             y = labels[idx].to(dev)
             eps = math.exp(log_lo + (log_hi - log_lo) * torch.rand(1, generator=gen).item())
             with torch.no_grad():
-                p = proto(y)
+                cond_labels = random_targets(y, gen) if cfg.attack in TARGETED else y
+                p = None if label_free else proto(cond_labels)
                 u0 = hasher(x)
                 scale = scale_for(u0)
-            delta = generator(x, decoder(p["feature"]), eps)
+            cond = None if p is None else decoder(p["feature"])
+            delta = generator(x, cond, eps)
             x_adv = (x + delta).clamp(0, 1)
+            if label_free:
+                # UAA-GAN: LSGAN, L2 reconstruction, hard-negative metric term
+                d_loss = ((disc(x) - 1).pow(2).mean() + disc(x_adv.detach()).pow(2).mean())
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+                u = hasher(x_adv)
+                l_t = _metric_term(u0, u, scale, cfg.margin)
+                l_q = (x_adv - x).flatten(1).norm(dim=1).mean()
+                l_d = (disc(x_adv) - 1).pow(2).mean()
+                loss = a * l_t + b * l_q + c * l_d
+                opt_g.zero_grad()
+                loss.backward()
+                opt_g.step()
+                with torch.no_grad():
+                    flipped = ((torch.sign(u) != torch.sign(u0)).float().mean()).item()
+                for k_, v_ in (("l_metric", l_t.item()), ("l_recon", l_q.item()),
+                               ("l_gan", l_d.item()), ("d_loss", d_loss.item()),
+                               ("bits_flipped", flipped)):
+                    sums[k_] = sums.get(k_, 0.0) + v_
+                if step % 20 == 0:
+                    bar.set_postfix(l_m=f"{l_t.item():.3f}", flipped=f"{flipped:.2f}")
+                continue
             real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
             fake_t = torch.cat([y, torch.zeros_like(y[:, :1])], 1)
             if c > 0:
@@ -286,15 +352,17 @@ def train_generator(
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir, modules, _Pair(opt_g, opt_d),  # type: ignore
                             {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()})
-    decoder.eval()
     generator.eval()
-    arch = {"label_decoder": shapes["label_decoder"],
-            "perturbation_generator": shapes["perturbation_generator"]}
+    arch = {"perturbation_generator": shapes["perturbation_generator"]}
+    if decoder is not None:
+        decoder.eval()
+        arch["label_decoder"] = shapes["label_decoder"]
     training = {"config": cfg.to_dict(), "history": history, "train_images": n,
                 "seconds": round(time.perf_counter() - t_all, 1), "device": str(dev),
                 "eps_range": [cfg.eps_min, cfg.eps_max]}
-    manifest = save_generator(bundle_path, cfg.attack, cfg.eps_max, decoder.cpu(),
-                              generator.cpu(), arch, training, {})
+    manifest = save_generator(bundle_path, cfg.attack, cfg.eps_max,
+                              None if decoder is None else decoder.cpu(), generator.cpu(), arch,
+                              training, {})
     return next(g for g in manifest.generators
                 if g["attack"] == cfg.attack and abs(g["eps"] - cfg.eps_max) < 1e-9)
 

@@ -41,20 +41,42 @@ def test_eval_reproduces_the_shipped_figures_exactly(bundle) -> None:
     assert res["gallery_codes_match"] is True
 
 
-def test_shipped_generators_belong_to_this_hasher_and_attack_it(bundle) -> None:
+def test_shipped_generators_belong_to_this_hasher(bundle) -> None:
+    m = bundle.manifest
+    hasher_sha = next(f["sha256"] for f in m.files if f["path"] == "hasher.safetensors")
+    assert {g["attack"] for g in m.generators} == {
+        "untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan"}
+    assert all(g["target_hasher_sha"] == hasher_sha for g in m.generators)
+
+
+# Measured on all 1,000 queries at 16/255 (benchmarks/attacks.py): 0.888 clean -> 0.465
+# (untargeted_gan), 0.331 (untargeted_gan_plus); the label-free uaa_gan is weaker.
+@pytest.mark.parametrize("method,min_drop", [
+    ("untargeted_gan", 0.2), ("untargeted_gan_plus", 0.3), ("uaa_gan", 0.1)])
+def test_shipped_generators_attack_it(bundle, method, min_drop) -> None:
     from service.attacks.runner import attack_batch
     from service.evaluation import retrieval_figures
 
-    m = bundle.manifest
-    hasher_sha = next(f["sha256"] for f in m.files if f["path"] == "hasher.safetensors")
-    assert {g["attack"] for g in m.generators} == {"untargeted_gan", "untargeted_gan_plus"}
-    assert all(g["target_hasher_sha"] == hasher_sha for g in m.generators)
     q = bundle.queries
     n = 300
-    db = bundle.gallery.codes(m.bits), bundle.gallery.labels
-    res = attack_batch(bundle, "untargeted_gan_plus", 16 / 255, q.images[:n], q.labels[:n])
+    db = bundle.gallery.codes(bundle.manifest.bits), bundle.gallery.labels
+    res = attack_batch(bundle, method, 16 / 255, q.images[:n], q.labels[:n])
     clean = retrieval_figures(res.clean_codes, q.labels[:n], *db, curves=False)["map_all"]
     adv = retrieval_figures(res.adv_codes, q.labels[:n], *db, curves=False)["map_all"]
-    # Measured on all 1,000 queries: 0.888 clean -> 0.331 (benchmarks/attacks.py).
-    assert adv < clean - 0.3, (clean, adv)
+    assert adv < clean - min_drop, (clean, adv)
     assert res.linf.max() <= 16 / 255 + 1e-9
+
+
+def test_shipped_targeted_generator_raises_t_map(bundle) -> None:
+    from service.attacks.runner import attack_batch
+    from service.jobs.spec import target_labels
+    from service.retrieval.metrics import targeted_map
+
+    q = bundle.queries
+    n = 300
+    target = target_labels(q.labels[:n], seed=0)
+    db_codes, db_labels = bundle.gallery.codes(bundle.manifest.bits), bundle.gallery.labels
+    res = attack_batch(bundle, "targeted_gan", 16 / 255, q.images[:n], q.labels[:n], target)
+    before = targeted_map(res.clean_codes, db_codes, target, db_labels)
+    after = targeted_map(res.adv_codes, db_codes, target, db_labels)
+    assert after > before + 0.1, (before, after)

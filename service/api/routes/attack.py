@@ -57,9 +57,11 @@ def _finish(result: dict, t0: float, t_pre: float) -> JSON:
 async def attack(
     request: Request,
     image: ImageField,
-    labels: Annotated[list[str], Form(
+    labels: Annotated[list[str] | None, Form(
         description="the image's labels: class indices or names; several allowed "
-                    "(repeat the field or separate with commas)", examples=[["Coat"]])],
+                    "(repeat the field or separate with commas). Without labels only "
+                    "label-free methods run (default then: the bundle's uaa_gan)",
+        examples=[["Coat"]])] = None,
     model: ModelField = None,
     method: Annotated[str | None, Form(
         description="registered attack (GET /models lists them); empty = the bundle's "
@@ -80,10 +82,10 @@ async def attack(
     state = get_state(request)
     with state.batcher.incoming() as ticket:
         svc = service_for(state, model)
-        name = svc.check_method(method)
+        name = svc.check_method(method, has_labels=bool(labels))
         eps_v = svc.check_eps(eps)
         _check_top_k(state, top_k)
-        lab = svc.labels_for(labels, "labels")
+        lab = svc.labels_for(labels, "labels") if labels else None
         tgt = svc.labels_for(target, "target") if target else None
         svc.check_attack_inputs(name, lab, tgt)
         query = await _decode(state, svc, image)
