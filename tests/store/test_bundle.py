@@ -28,8 +28,13 @@ def test_tiny_bundle_loads_with_consistent_parts(tiny_store: Path) -> None:
     assert {f["path"] for f in m.files} == {
         "hasher.safetensors", "gallery.safetensors", "thumbnails.png", "queries.safetensors",
         "splits.safetensors", "prototype.safetensors",
-        "gen_untargeted_gan_m100.safetensors", "gen_untargeted_gan_plus_m100.safetensors"}
-    assert [g["attack"] for g in m.generators] == ["untargeted_gan", "untargeted_gan_plus"]
+        "gen_untargeted_gan_m100.safetensors", "gen_untargeted_gan_plus_m100.safetensors",
+        "gen_uaa_gan_m100.safetensors", "gen_targeted_gan_m100.safetensors"}
+    assert [g["attack"] for g in m.generators] == [
+        "targeted_gan", "uaa_gan", "untargeted_gan", "untargeted_gan_plus"]
+    uaa = next(g for g in m.generators if g["attack"] == "uaa_gan")
+    assert "label_decoder" not in uaa["arch"]  # label-free: image-only generator
+    assert uaa["arch"]["perturbation_generator"]["cond_channels"] == 0
     hasher_sha = next(f["sha256"] for f in m.files if f["path"] == "hasher.safetensors")
     assert all(g["target_hasher_sha"] == hasher_sha for g in m.generators)
     assert set(b.splits["train"]) <= set(b.splits["database"])
@@ -45,7 +50,7 @@ def test_sha256sum_accepts_the_sums_file(tiny_store: Path) -> None:
     out = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tiny_store / "tiny",
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 9
+    assert out.stdout.count(": OK") == 11
 
 
 @pytest.mark.parametrize("fname", [
