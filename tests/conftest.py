@@ -18,13 +18,14 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with one tiny bundle, ``tiny`` (16 bits, 1000 database, 100 queries), with both
-    UntargetedGAN generators, the label-free UAA-GAN and the targeted generator in it."""
+    UntargetedGAN generators, the label-free UAA-GAN, the targeted and the saliency generator."""
     needs_fmnist()
     from service.training.cli import main
 
     store = tmp_path_factory.mktemp("store")
     assert main([*TINY_ARGS, "--store", str(store)]) == 0
-    for attack in ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan"):
+    for attack in ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan",
+                   "saliency_gan"):
         assert main([*TINY_GENERATOR_ARGS, "--bundle", "tiny", "--attack", attack,
                      "--store", str(store)]) == 0
     return store

@@ -183,7 +183,8 @@ def test_encode_and_models_and_thumbnails(api_server, tiny_bundle):
     m = models["models"][0]
     assert m["bits"] == 16 and len(m["classes"]) == 10
     gens = {a["name"]: a for a in m["attacks"] if a["kind"] == "generator"}
-    assert set(gens) == {"untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan"}
+    assert set(gens) == {"untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan",
+                         "saliency_gan"}
     detail = httpx.get(f"{api_server.url}/models/tiny").json()
     assert detail["evaluation"]["figures"]["map_all"] == pytest.approx(
         tiny_bundle.manifest.evaluation["figures"]["map_all"])

@@ -76,6 +76,11 @@ class UntargetedGANPlus(GeneratorAttack):
     """UntargetedGAN networks trained with the non-saturating hashing term."""
 
 
+@register_attack("saliency_gan")
+class SaliencyGAN(GeneratorAttack):
+    """UntargetedGAN+ networks trained with a Grad-CAM difference term (for transfer)."""
+
+
 @register_attack("uaa_gan")
 class UAAGAN(GeneratorAttack):
     """UAA-GAN: label-free generator (LSGAN + reconstruction + hard-negative metric loss)."""

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
     g.add_argument("--attack", default="untargeted_gan_plus",
                    help="untargeted_gan (paper loss), untargeted_gan_plus, uaa_gan "
-                        "(label-free UAA-GAN) or targeted_gan (ProS-GAN style)")
+                        "(label-free UAA-GAN), targeted_gan (ProS-GAN style) or saliency_gan "
+                        "(Grad-CAM difference term, for transfer)")
     g.add_argument("--eps", type=parse_eps, default=None,
                    help="train for this one eps (e.g. 8/255); default: the range below")
     g.add_argument("--eps-min", type=parse_eps, default=GeneratorConfig.eps_min)
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-train", type=int, default=GeneratorConfig.num_train)
     g.add_argument("--weights", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
                    help="loss weights a (hashing/metric), b (L2), c (discriminator)")
+    g.add_argument("--cam-weight", type=float, default=GeneratorConfig.cam_weight,
+                   help="saliency_gan: weight of the Grad-CAM difference term")
     g.add_argument("--margin", type=float, default=GeneratorConfig.margin,
                    help="uaa_gan: triplet margin on relaxed-code distance (0..4)")
     g.add_argument("--seed", type=int, default=0)
@@ -145,7 +148,8 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
     cfg = GeneratorConfig(attack=args.attack, eps_min=lo, eps_max=hi, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
                           width=args.width, num_train=args.num_train, seed=args.seed,
-                          weight_t=a, weight_q=b, weight_d=c, margin=args.margin)
+                          weight_t=a, weight_q=b, weight_d=c, margin=args.margin,
+                          cam_weight=args.cam_weight)
     try:
         entry = train_generator(folder, cfg, device=device, checkpoint_dir=args.checkpoint_dir,
                                 progress=not args.no_progress)

@@ -51,7 +51,7 @@ from service.training.losses import _pairwise_nll
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan")
+VARIANTS = ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan", "saliency_gan")
 LABEL_FREE = ("uaa_gan",)
 TARGETED = ("targeted_gan",)
 
@@ -89,6 +89,7 @@ class GeneratorConfig:
     diversity: float = 0.0  # weight of mean cosine similarity of same-label perturbations
     distill: float = 0.0  # weight of ||delta/eps - (-sign grad L_T(x))||^2 (FGSM direction)
     margin: float = 0.5  # uaa_gan: triplet margin on the relaxed-code distance (range 0..4)
+    cam_weight: float = 0.5  # saliency_gan: lambda of L_cam = -||CAM(x) - CAM(x_adv)||_2
     seed: int = 0
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
 
@@ -326,6 +327,17 @@ def train_generator(
                 l_div = (dn @ dn.t() * same).sum() / same.sum().clamp(min=1)
                 loss = loss + cfg.diversity * l_div
                 sums["l_div"] = sums.get("l_div", 0.0) + l_div.item()
+            if cfg.attack == "saliency_gan" and cfg.cam_weight > 0:
+                # Grad-CAM difference: move the hasher's attention away from where it was
+                from service.nets.saliency import cam_distance, gradcam
+
+                ref = torch.where(u0 >= 0, 1.0, -1.0)
+                with torch.no_grad():
+                    cam_x = gradcam(hasher, x, ref, scale)
+                cam_adv = gradcam(hasher, x_adv, ref, scale, differentiable=True)
+                l_cam = -cam_distance(cam_x, cam_adv).mean()
+                loss = loss + cfg.cam_weight * l_cam
+                sums["l_cam"] = sums.get("l_cam", 0.0) + l_cam.item()
             if cfg.distill > 0:
                 # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
                 xg = x.clone().requires_grad_(True)

@@ -29,9 +29,10 @@ def test_tiny_bundle_loads_with_consistent_parts(tiny_store: Path) -> None:
         "hasher.safetensors", "gallery.safetensors", "thumbnails.png", "queries.safetensors",
         "splits.safetensors", "prototype.safetensors",
         "gen_untargeted_gan_m100.safetensors", "gen_untargeted_gan_plus_m100.safetensors",
-        "gen_uaa_gan_m100.safetensors", "gen_targeted_gan_m100.safetensors"}
+        "gen_uaa_gan_m100.safetensors", "gen_targeted_gan_m100.safetensors",
+        "gen_saliency_gan_m100.safetensors"}
     assert [g["attack"] for g in m.generators] == [
-        "targeted_gan", "uaa_gan", "untargeted_gan", "untargeted_gan_plus"]
+        "saliency_gan", "targeted_gan", "uaa_gan", "untargeted_gan", "untargeted_gan_plus"]
     uaa = next(g for g in m.generators if g["attack"] == "uaa_gan")
     assert "label_decoder" not in uaa["arch"]  # label-free: image-only generator
     assert uaa["arch"]["perturbation_generator"]["cond_channels"] == 0
@@ -50,7 +51,7 @@ def test_sha256sum_accepts_the_sums_file(tiny_store: Path) -> None:
     out = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tiny_store / "tiny",
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 11
+    assert out.stdout.count(": OK") == 12
 
 
 @pytest.mark.parametrize("fname", [
