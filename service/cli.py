@@ -209,6 +209,8 @@ def cmd_audit(argv: list[str]) -> int:
     r.add_argument("--top-k", type=int, default=None, help="mAP@K (default: whole gallery)")
     r.add_argument("--chunk-size", type=int, default=250)
     r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--transfer-to", nargs="+", default=[],
+                   help="other bundles to evaluate the adversarial queries on (transfer)")
     r.add_argument("--device", default=None)
     r.add_argument("--out", type=Path, default=Path("audit_out"))
     r.add_argument("--no-progress", action="store_true")
@@ -235,7 +237,8 @@ def cmd_audit(argv: list[str]) -> int:
         "methods": args.methods, "eps": [eps_value(e) for e in args.eps],
         "queries": {"count": args.count, "seed": args.seed}, "top_k": args.top_k,
         "seed": args.seed, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
-    }, max_queries=s.max_audit_queries)
+        "transfer_to": args.transfer_to,
+    }, max_queries=s.max_audit_queries, lookup=store.get)
     ctx = tasks.JobContext(models=store, audits=AuditStore(MemoryKV()), max_pixels=s.max_pixels)
     tasks.configure(ctx)
     queue = AuditQueue(ctx, LocalRunner())
@@ -255,6 +258,8 @@ def cmd_audit(argv: list[str]) -> int:
     for a in res["attacks"]:
         print(f"  {a['method']:>20} eps {a['eps_levels']:>3}/255: mAP {a['map_k']:.4f} "
               f"(drop {a['drop_pct']:.1f}%), {a['ms_per_image']:.2f} ms/img")
+        for t in a.get("transfer", []):
+            print(f"  {'':>20} -> {t['model']}: mAP {t['map_clean']:.4f} -> {t['map_k']:.4f}")
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.html'}")
     return 0
 

@@ -312,6 +312,7 @@ def test_bad_uploads_are_422(stack, tiny_bundle, tmp_path, case):
     ({"methods": ["pgd"], "model": "../tiny"}, "model"),
     ({"methods": ["pgd"], "chunk_size": 0}, "chunk_size"),
     ({"methods": ["pgd"], "colour": "red"}, "colour"),
+    ({"methods": ["pgd"], "transfer_to": ["nope"]}, "transfer_to"),
 ])
 def test_bad_audit_requests_name_the_field(stack, body, field):
     r = httpx.post(f"{stack.url}/audit", json=body)
@@ -330,3 +331,29 @@ def test_in_process_audits_without_redis(api_server, reference):
     assert st["state"] == "done", st
     # the API server runs torch with the same single thread as the CLI subprocess
     assert strip(st["result"]) == strip(reference)
+
+
+def test_transfer_rows_equal_white_box_on_an_identical_copy(tiny_store, tmp_path):
+    """`--transfer-to` a byte-identical copy of the surrogate: every transfer figure must equal
+    the white-box one (same hasher, same gallery), through the whole chunk/reduce path."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store / "tiny", store / "tiny")
+    shutil.copytree(tiny_store / "tiny", store / "tiny-copy")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "service.cli", "audit", "run", "--bundle", "tiny", "--store",
+           str(store), "--methods", "pgd", "uaa_gan", "--eps", "8/255", "16/255", "--count",
+           "40", "--chunk-size", "15", "--transfer-to", "tiny-copy", "--device", "cpu",
+           "--no-progress", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "report.json").read_text())
+    assert res["transfer_to"] == ["tiny-copy"]
+    for a in res["attacks"]:
+        (t,) = a["transfer"]
+        assert t["model"] == "tiny-copy"
+        assert t["map_clean"] == pytest.approx(res["clean"]["map_k"], abs=1e-12)
+        assert t["map_k"] == pytest.approx(a["map_k"], abs=1e-12)
+    assert "Transfer" in (out / "report.html").read_text()

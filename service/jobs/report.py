@@ -140,6 +140,23 @@ def render_html(status: dict[str, Any]) -> str:
             f"</td><td>{_f(a['rmse_mean'])}</td><td>{_f(a['psnr_mean_db'], '.1f')}</td>"
             f"<td>{_f(a['ms_per_image'], '.2f')}</td></tr>")
     parts.append("</table>")
+    if r.get("transfer_to"):
+        names = r["transfer_to"]
+        parts.append("<h2>Transfer</h2><p class='meta'>mAP@" + str(k) + " of other hashers on "
+                     "the same adversarial queries (made against " + html.escape(r["model"]) +
+                     ").</p><table><tr><th class='l'>method</th><th>eps</th>"
+                     f"<th>{html.escape(r['model'])} (white-box)</th>"
+                     + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>")
+        first = r["attacks"][0].get("transfer", [])
+        parts.append("<tr><td class='l'>clean</td><td>-</td>"
+                     f"<td>{_f(clean['map_k'])}</td>"
+                     + "".join(f"<td>{_f(t['map_clean'])}</td>" for t in first) + "</tr>")
+        for a in r["attacks"]:
+            parts.append(f"<tr><td class='l'>{html.escape(a['method'])}</td>"
+                         f"<td>{a['eps_levels']}/255</td><td>{_f(a['map_k'])}</td>"
+                         + "".join(f"<td>{_f(t['map_k'])}</td>" for t in a.get("transfer", []))
+                         + "</tr>")
+        parts.append("</table>")
     pl = plots(r)
     parts.append("<h2>Plots</h2><div class='plots'>" + "".join(
         _img(v, name) for name, v in pl.items()) + "</div>")

@@ -17,7 +17,8 @@ EXAMPLES = 3
 
 
 def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
-                   upload: dict[str, Any] | None = None) -> dict[str, Any]:
+                   upload: dict[str, Any] | None = None,
+                   lookup: Any = None) -> dict[str, Any]:
     """Check a request against the bundle and return the full spec the tasks run.
 
     ``raw`` keys: methods (list), eps (value or list; '8/255' strings allowed), queries
@@ -76,12 +77,27 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
     for m in seen:
         if ATTACKS.get(m).targeted and len(svc.classes) < 2:
             raise AttackInputError(f"methods: {m} needs at least two classes", field="methods")
+    transfer = []
+    for name in raw.get("transfer_to") or []:
+        if lookup is None:
+            raise BadInput("transfer_to: not available here", field="transfer_to")
+        try:
+            other = lookup(name)
+        except UnknownName as exc:
+            raise UnknownName(exc.message, field="transfer_to") from None
+        om, m0 = other.manifest, svc.bundle.manifest
+        if om.class_names != m0.class_names or om.input != m0.input:
+            raise BadInput(f"transfer_to: {name} has other classes or another input spec than "
+                           f"{m0.name}", field="transfer_to")
+        if name != m0.name and all(t["model"] != name for t in transfer):
+            transfer.append({"model": name, "sha": other.sha})
     m = svc.bundle.manifest
     return {
         "model": m.name, "bundle_version": m.version, "bundle_sha": svc.bundle.sha,
         "methods": seen, "eps": eps, "queries": queries,
         "top_k": None if top_k is None else int(top_k), "seed": seed,
         "chunk_size": chunk, "batch_size": batch, "examples": EXAMPLES,
+        "transfer_to": transfer,
     }
 
 

@@ -25,6 +25,7 @@ from service.evaluation import protocol_record, retrieval_figures
 from service.inference import decode_upload, encode_png
 from service.jobs.spec import chunk_keys, parse_chunk, query_positions, target_labels
 from service.jobs.store import FINAL, AuditStore, pack_arrays, unpack_arrays
+from service.nets.hasher import encode_uint8
 from service.retrieval.codes import pack_bits, unpack_bits
 from service.retrieval.metrics import map_at_k, targeted_map
 from service.retrieval.ranking import topk
@@ -129,6 +130,14 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
     images, labels, _ = load_queries(ctx, spec, bundle, positions)
     targeted = ATTACKS.get(method).targeted
     target = target_labels(all_labels(ctx, spec, bundle), spec["seed"])[sel] if targeted else None
+    others = []
+    for t in spec.get("transfer_to", []):
+        other = ctx.models.get(t["model"])
+        if other.sha != t["sha"]:
+            raise BundleError(f"transfer target {t['model']} changed since the audit was "
+                              "submitted", field="transfer_to")
+        others.append(other)
+    xfer: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in others]
     adv_codes, clean_codes, ham, linf, rmse, seconds = [], [], [], [], [], 0.0
     examples = []
     bs = spec["batch_size"]
@@ -145,6 +154,9 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
         d = (res.adversarial.astype(np.float64) - x.astype(np.float64)) / 255.0
         rmse.append(np.sqrt((d.reshape(len(x), -1) ** 2).mean(1)))
         seconds += res.seconds
+        for (t_adv, t_clean), other in zip(xfer, others, strict=True):
+            t_adv.append(encode_uint8(other.hasher, res.adversarial))
+            t_clean.append(encode_uint8(other.hasher, x))
         if ci == 0 and b == 0:
             examples = res.adversarial[:spec["examples"]]
         if progress is not None:
@@ -160,6 +172,9 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
     }
     if target is not None:
         arrays["target"] = target.astype(np.uint8)
+    for i, (t_adv, t_clean) in enumerate(xfer):
+        arrays[f"xfer{i}_adv"] = pack_bits(np.concatenate(t_adv))
+        arrays[f"xfer{i}_clean"] = pack_bits(np.concatenate(t_clean))
     if ci == 0:
         arrays["example_adv"] = np.asarray(examples, np.uint8)
         arrays["example_clean"] = images[:spec["examples"]]
@@ -285,6 +300,8 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
                 row["t_map_clean"] = targeted_map(unpack_bits(arr["clean_codes"], bits),
                                                   db_codes, arr["target"], db_labels, top_k)
                 row.update(_t_map_ceilings(bundle, arr["target"], db_codes, db_labels, top_k))
+            if spec.get("transfer_to"):
+                row["transfer"] = _transfer_rows(ctx, spec, arr, top_k)
             attacks.append(row)
             if "example_adv" in arr and ei == len(spec["eps"]) - 1:
                 examples.extend(_examples(bundle, method, eps, arr, bits))
@@ -295,11 +312,30 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
                      "map_k": "all" if top_k is None else top_k},
         "seed": spec["seed"], "queries": {**spec["queries"], "audited": int(len(clean))},
         "methods": spec["methods"], "eps": spec["eps"], "bits": bits,
+        "transfer_to": [t["model"] for t in spec.get("transfer_to", [])],
         "gallery_size": int(len(db_codes)), "classes": bundle.manifest.class_names,
         "clean": {k: clean_fig[k] for k in ("map_k", "map_all", "map_1000", "p_r2", "top_n",
                                            "pr_curve")},
         "attacks": attacks, "examples": examples,
     }
+
+
+def _transfer_rows(ctx: JobContext, spec: dict[str, Any], arr: dict[str, np.ndarray],
+                   top_k: int | None) -> list[dict[str, Any]]:
+    """mAP of each transfer target on the clean and on the adversarial queries."""
+    out = []
+    for i, t in enumerate(spec["transfer_to"]):
+        other = ctx.models.get(t["model"])
+        bits = other.manifest.bits
+        db = other.gallery.codes(bits), other.gallery.labels
+        clean = map_at_k(unpack_bits(arr[f"xfer{i}_clean"], bits), db[0], arr["labels"],
+                         db[1], top_k)
+        adv = map_at_k(unpack_bits(arr[f"xfer{i}_adv"], bits), db[0], arr["labels"], db[1],
+                       top_k)
+        out.append({"model": t["model"], "bits": bits, "family": other.manifest.hasher["family"],
+                    "map_clean": clean, "map_k": adv,
+                    "drop_pct": 100.0 * (clean - adv) / clean if clean > 0 else None})
+    return out
 
 
 def _t_map_ceilings(bundle: Any, target: np.ndarray, db_codes: np.ndarray,

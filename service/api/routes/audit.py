@@ -48,6 +48,10 @@ class AuditRequest(BaseModel):
     seed: int = Field(0, description="seeds random starts, targets and sampling")
     chunk_size: int = Field(250, ge=1, le=5000, description="queries per chunk job")
     batch_size: int | None = Field(None, ge=1, le=1024, description="images per forward pass")
+    transfer_to: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="other served bundles (same classes and input) to evaluate the adversarial "
+                    "queries on: a transfer (black-box) row per attack")
 
 
 def _check_id(audit_id: str) -> str:
@@ -77,7 +81,8 @@ async def create_audit(request: Request, body: AuditRequest) -> JSON:
             raise BadInput(f"queries.upload_id: the upload was made for {upload['model']}, "
                            f"not {svc.name}", field="queries.upload_id")
     spec = normalize_spec(svc, body.model_dump(), upload=upload,
-                          max_queries=state.settings.max_audit_queries)
+                          max_queries=state.settings.max_audit_queries,
+                          lookup=lambda n: service_for(state, n, field="transfer_to").bundle)
     audit_id = await run_in_threadpool(audits.submit, spec)
     out = audits.status(audit_id, with_result=False)
     return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
