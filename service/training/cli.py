@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-augment", action="store_true")
     _common(h)
 
+    bd = sub.add_parser("backdoor", help="clean-label backdoor audit: poison, retrain, "
+                                         "measure t-MAP with the trigger")
+    bd.add_argument("--bundle", required=True, help="source bundle (surrogate and recipe)")
+    bd.add_argument("--target", required=True, help="target class (index or name)")
+    bd.add_argument("--poisons", type=int, default=40)
+    bd.add_argument("--patch", type=int, default=None, help="trigger side in pixels "
+                    "(default 10%% of the width, at least 3)")
+    bd.add_argument("--num-train", type=int, default=None,
+                    help="subset of the bundle's train split (default: all)")
+    bd.add_argument("--epochs", type=int, default=None, help="default: the bundle's recipe")
+    bd.add_argument("--name", default=None, help="also write the poisoned bundle under this name")
+    bd.add_argument("--out", type=Path, default=Path("backdoor.json"))
+    bd.add_argument("--seed", type=int, default=0)
+    _common(bd)
+
     g = sub.add_parser("generator", help="train an attack generator into a bundle")
     g.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
     g.add_argument("--attack", default="untargeted_gan_plus",
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or settings.device
     if args.cmd == "generator":
         return _generator(args, Path(store), device)
+    if args.cmd == "backdoor":
+        return _backdoor(args, Path(store))
     try:
         if args.cmd == "bundle":
             cfg = read_config(args.config)
@@ -134,6 +151,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle {manifest.name} written to {Path(store) / manifest.name}")
     print(f"clean mAP@all {f['map_all']:.4f}  mAP@1000 {f['map_1000']:.4f}  "
           f"P@r2 {f['p_r2']:.4f}  ({f['num_queries']} queries, {f['num_database']} database)")
+    return 0
+
+
+def _backdoor(args: argparse.Namespace, store: Path) -> int:
+    from service.parsing import label_vector
+    from service.store import load_bundle
+    from service.store.modelstore import check_bundle_name
+    from service.training.backdoor import BackdoorConfig, run_backdoor, save_poisoned_bundle
+
+    folder = Path(args.bundle)
+    if not (folder / "manifest.json").is_file():
+        folder = store / check_bundle_name(args.bundle, field="bundle")
+    try:
+        bundle = load_bundle(folder, "cpu")
+        target = int(label_vector(args.target, bundle.manifest.class_names, "target").argmax())
+        cfg = BackdoorConfig(target=target, poisons=args.poisons, patch=args.patch,
+                             num_train=args.num_train, epochs=args.epochs, seed=args.seed)
+        res = run_backdoor(bundle, cfg, progress=not args.no_progress)
+        if args.name:
+            save_poisoned_bundle(bundle, res, store, args.name)
+    except HashAuditError as exc:
+        print(f"error: {exc.message}")
+        return 2
+    report = {k: v for k, v in res.items() if k not in ("poisoned_hasher", "clean_hasher",
+                                                        "trigger")}
+    args.out.write_text(json.dumps(report, indent=1))
+    p, c = res["poisoned"], res["clean"]
+    print(f"target {res['target_name']}, {args.poisons} poisons, patch {res['patch_side']} px")
+    print(f"clean mAP@all: poisoned model {p['clean_map']:.4f}, clean model {c['clean_map']:.4f}")
+    print(f"t-MAP with trigger: poisoned model {p['t_map_triggered']:.4f}, clean model "
+          f"{c['t_map_triggered']:.4f} (no trigger: {p['t_map_untriggered']:.4f})")
+    if args.name:
+        print(f"poisoned bundle written to {store / args.name} (manifest extra.poisoned)")
+    print(f"wrote {args.out}")
     return 0
 
 
