@@ -23,13 +23,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import machine, print_table, wait_ready, write_json  # noqa: E402
 from service.inference import BundleService  # noqa: E402
-from service.jobs import tasks  # noqa: E402
-from service.jobs.kv import MemoryKV  # noqa: E402
-from service.jobs.queue import AuditQueue, LocalRunner  # noqa: E402
+from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.spec import normalize_spec  # noqa: E402
-from service.jobs.store import AuditStore  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,13 +73,7 @@ def main() -> int:
                               stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, server)
         time.sleep(5)  # let the worker finish loading bundles
         t0 = time.perf_counter()
         resp = httpx.post(f"{url}/audit", json=raw, timeout=60)
@@ -107,12 +98,10 @@ def main() -> int:
     r.flushdb()
 
     # --- in-process, same task code, no queue
-    ctx = tasks.JobContext(models=models, audits=AuditStore(MemoryKV()))
-    tasks.configure(ctx)
     t0 = time.perf_counter()
-    local_id = AuditQueue(ctx, LocalRunner()).run_now(spec)
+    queue, local_id = run_local_audit(models, spec)
     t_local = time.perf_counter() - t0
-    local = ctx.audits.record(local_id)["result"]
+    local = queue.store.record(local_id)["result"]
 
     rows: list[dict[str, Any]] = []
     for a, b in zip(via_queue["attacks"], local["attacks"], strict=True):

@@ -53,3 +53,23 @@ def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> P
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def wait_ready(url: str, proc: Any, timeout: float = 120.0) -> None:
+    """Wait until ``url``/health/ready answers 200; stop ``proc`` and exit if it never does."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit(f"server at {url} did not become ready in {timeout:.0f} s")

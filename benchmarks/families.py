@@ -20,11 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, print_table, write_json  # noqa: E402
 from service.inference import BundleService  # noqa: E402
-from service.jobs import tasks  # noqa: E402
-from service.jobs.kv import MemoryKV  # noqa: E402
-from service.jobs.queue import AuditQueue, LocalRunner  # noqa: E402
+from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.spec import normalize_spec  # noqa: E402
-from service.jobs.store import AuditStore  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,12 +43,10 @@ def main() -> int:
     spec = normalize_spec(svc, {"methods": methods, "eps": args.eps,
                                 "queries": {"count": args.count}, "seed": 0,
                                 "chunk_size": 250, "batch_size": 100}, max_queries=100_000)
-    ctx = tasks.JobContext(models=models, audits=AuditStore(MemoryKV()))
-    tasks.configure(ctx)
     t0 = time.perf_counter()
-    audit_id = AuditQueue(ctx, LocalRunner()).run_now(spec)
+    queue, audit_id = run_local_audit(models, spec)
     seconds = time.perf_counter() - t0
-    res = ctx.audits.record(audit_id)["result"]
+    res = queue.store.record(audit_id)["result"]
     clean = res["clean"]["map_k"]
     rows_u = [{"method": a["method"], "labels": "no" if a["method"] == "uaa_gan" else "yes",
                "eps": f"{a['eps_levels']}/255", "map": a["map_k"], "drop": a["drop_pct"],

@@ -30,7 +30,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import machine, print_table, wait_ready, write_json  # noqa: E402
 from service.inference import BundleService, Query, decode_upload, encode_png  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
@@ -167,18 +167,7 @@ def main() -> int:
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
              "--no-access-log", "--log-level", "warning"], env=env, cwd=REPO)
         url = f"http://127.0.0.1:{port}"
-        import httpx
-
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            server.terminate()
-            raise SystemExit("server did not become ready")
+        wait_ready(url, server)
     else:
         url = args.url.rstrip("/")
     host, port = url.split("//", 1)[1].split(":")

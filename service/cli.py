@@ -220,12 +220,9 @@ def cmd_audit(argv: list[str]) -> int:
 
     from service.device import resolve_device
     from service.inference import BundleService
-    from service.jobs import tasks
-    from service.jobs.kv import MemoryKV
-    from service.jobs.queue import AuditQueue, LocalRunner
+    from service.jobs.queue import run_local_audit
     from service.jobs.report import render_html
     from service.jobs.spec import normalize_spec
-    from service.jobs.store import AuditStore
     from service.store import ModelStore
 
     s = get_settings()
@@ -239,13 +236,9 @@ def cmd_audit(argv: list[str]) -> int:
         "seed": args.seed, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
         "transfer_to": args.transfer_to,
     }, max_queries=s.max_audit_queries, lookup=store.get)
-    ctx = tasks.JobContext(models=store, audits=AuditStore(MemoryKV()), max_pixels=s.max_pixels)
-    tasks.configure(ctx)
-    queue = AuditQueue(ctx, LocalRunner())
-    q = spec["queries"]
-    total = q["count"] * len(spec["methods"]) * len(spec["eps"])
+    total = spec["queries"]["count"] * len(spec["methods"]) * len(spec["eps"])
     with tqdm(total=total, unit="img", disable=args.no_progress, desc="audit") as bar:
-        audit_id = queue.run_now(spec, progress=bar.update)
+        queue, audit_id = run_local_audit(store, spec, s.max_pixels, progress=bar.update)
     status = queue.status(audit_id)
     if status["state"] != "done":
         print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from service.attacks import ATTACKS
 from service.attacks.factory import bundle_context
+from service.attacks.generator import GeneratorAttack
 from service.attacks.runner import attack_batch
 from service.errors import (
     AttackInputError,
@@ -31,7 +32,7 @@ from service.errors import (
     UnsupportedImageType,
 )
 from service.nets.hasher import encode_uint8
-from service.parsing import eps_value
+from service.parsing import eps_value, label_vector
 from service.retrieval.codes import codes_to_hex, pack_bits
 from service.retrieval.ranking import topk
 from service.store.bundle import Bundle
@@ -117,14 +118,25 @@ def encode_png(chw: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def rmse_per_image(clean: np.ndarray, adv: np.ndarray) -> np.ndarray:
+    """RMSE in [0, 1] units of each uint8 image pair (N, ...) -> (N,)."""
+    d = (adv.astype(np.float64) - clean.astype(np.float64)) / 255.0
+    return np.sqrt((d.reshape(len(d), -1) ** 2).mean(1))
+
+
+def psnr_db(rmse: np.ndarray) -> np.ndarray:
+    """PSNR (dB, peak 1) from RMSE; inf where the image is unchanged."""
+    with np.errstate(divide="ignore"):
+        return np.where(rmse > 0, 20 * np.log10(1.0 / np.maximum(rmse, 1e-12)), np.inf)
+
+
 def perturbation_stats(clean: np.ndarray, adv: np.ndarray) -> dict[str, Any]:
     """L-inf (in [0, 1] and in grey levels), RMSE (in [0, 1]) and PSNR (dB, peak 1)."""
-    d = adv.astype(np.float64) - clean.astype(np.float64)
-    linf = float(np.abs(d).max()) if d.size else 0.0
-    rmse = float(np.sqrt(np.mean(d ** 2))) / 255.0 if d.size else 0.0
-    psnr = None if rmse == 0 else 20.0 * math.log10(1.0 / rmse)
-    return {"linf": linf / 255.0, "linf_levels": int(round(linf)), "rmse": rmse,
-            "psnr_db": psnr}
+    linf = int(np.abs(adv.astype(np.int16) - clean.astype(np.int16)).max()) if adv.size else 0
+    rmse = float(rmse_per_image(clean[None], adv[None])[0]) if adv.size else 0.0
+    psnr = float(psnr_db(np.array([rmse]))[0])
+    return {"linf": linf / 255.0, "linf_levels": linf, "rmse": rmse,
+            "psnr_db": None if math.isinf(psnr) else psnr}
 
 
 def code_json(code: np.ndarray) -> dict[str, str]:
@@ -174,6 +186,9 @@ class BundleService:
         self.default_method = (
             "untargeted_gan" if "untargeted_gan" in self.generators
             else self.generators[0] if self.generators else "pgd")
+        self._methods = [n for n in ATTACKS.names()
+                         if not issubclass(ATTACKS.get(n), GeneratorAttack)
+                         or n in self.generators]
         self._id_to_index = {int(i): n for n, i in enumerate(bundle.gallery.ids)}
         self._db_packed = np.ascontiguousarray(bundle.gallery.codes_packed)
         self._db_labels = bundle.gallery.labels.astype(np.float32)
@@ -190,10 +205,7 @@ class BundleService:
 
     def methods(self) -> list[str]:
         """Registered attacks this bundle can run (generator attacks only if trained in)."""
-        from service.attacks.generator import GeneratorAttack
-
-        return [n for n in ATTACKS.names()
-                if not issubclass(ATTACKS.get(n), GeneratorAttack) or n in self.generators]
+        return list(self._methods)
 
     @property
     def label_free_method(self) -> str | None:
@@ -208,7 +220,7 @@ class BundleService:
                     " label-free methods: pgd, hag)", field="labels")
             return self.label_free_method
         method = method or self.default_method
-        names = self.methods()
+        names = self._methods
         if method not in names:
             extra = ""
             if method in ATTACKS.names():
@@ -226,8 +238,6 @@ class BundleService:
         return value
 
     def labels_for(self, values: Any, field: str = "labels") -> np.ndarray:
-        from service.parsing import label_vector
-
         return label_vector(values, self.classes, field)
 
     def check_attack_inputs(self, method: str, labels: np.ndarray | None,

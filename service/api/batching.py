@@ -89,7 +89,6 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.busy_seconds = 0.0
 
     @property
     def depth(self) -> int:
@@ -233,10 +232,8 @@ class MicroBatcher:
                     log.exception("inference batch failed for %s", key)
                 error = exc
             seconds = time.perf_counter() - t0
-            if not isinstance(key, _Call):
-                self.busy_seconds += seconds
-                if self.on_batch is not None:
-                    self.on_batch(key, len(batch), seconds)
+            if not isinstance(key, _Call) and self.on_batch is not None:
+                self.on_batch(key, len(batch), seconds)
             for n, p in enumerate(batch):
                 r = None if results is None else results[n]
                 e = error if error is not None else (r if isinstance(r, BaseException) else None)

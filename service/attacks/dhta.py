@@ -10,15 +10,12 @@ label's anchor.
 from __future__ import annotations
 
 from service.attacks.base import register_attack
-from service.attacks.pgd import CodePGD
+from service.attacks.pgd import CodePGD, PGDCenterCode
 
 
 @register_attack("dhta")
-class DHTAUntargeted(CodePGD):
+class DHTAUntargeted(PGDCenterCode):
     """Push the code away from the majority-vote anchor of the query's labels."""
-
-    needs_labels = True
-    needs_context = True
 
     def anchor(self, x, u0, labels, target):
         assert self.context is not None and labels is not None

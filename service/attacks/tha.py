@@ -7,16 +7,12 @@ that label (the majority vote of database codes when the bundle has no Prototype
 from __future__ import annotations
 
 from service.attacks.base import register_attack
-from service.attacks.pgd import CodePGD
+from service.attacks.dhta import DHTATargeted
 
 
 @register_attack("tha_targeted")
-class THATargeted(CodePGD):
+class THATargeted(DHTATargeted):
     """Pull the code toward the target label's prototype code (PrototypeNet)."""
-
-    targeted = True
-    needs_context = True
-    pull = True
 
     def anchor(self, x, u0, labels, target):
         assert self.context is not None and target is not None

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from service.config import Settings, get_settings
-from service.errors import BadInput
 from service.jobs import tasks
 from service.jobs.kv import MemoryKV
-from service.jobs.spec import chunk_keys, parse_chunk
+from service.jobs.spec import chunk_keys, n_query_chunks, parse_chunk
 from service.jobs.store import FINAL, AuditStore
 
 log = logging.getLogger(__name__)
@@ -175,8 +174,6 @@ class AuditQueue:
         for c in chunks:
             try:
                 data = tasks.compute_chunk(self.ctx, audit_id, spec, c, progress=progress)
-            except BadInput:
-                raise
             except Exception as exc:
                 st.finish(audit_id, "failed", error=f"chunk {c}: {exc}")
                 raise
@@ -199,10 +196,8 @@ class AuditQueue:
         spec = rec["spec"]
         done = self.store.done_chunks(audit_id)
         per_query = {}
-        cs, total_q = spec["chunk_size"], None
-        n_chunks_per = max(1, rec["n_chunks"] // (len(spec["methods"]) * len(spec["eps"])))
-        q = spec["queries"]
-        total_q = q["count"] if q["source"] == "bundle" else q["total"]
+        cs, total_q = spec["chunk_size"], spec["queries"]["count"]
+        n_chunks_per = n_query_chunks(spec)
         for m in spec["methods"]:
             finished = [parse_chunk(c) for c in done if c.startswith(m + "|")]
             imgs = sum(min(cs, total_q - c * cs) for _, _, c in finished)
@@ -241,3 +236,15 @@ def make_audit_queue(settings: Settings, models: Any) -> AuditQueue:
     if settings.redis_url:
         return AuditQueue(ctx, RQRunner(ctx.audits.kv, settings))
     return AuditQueue(ctx, LocalRunner())
+
+
+def run_local_audit(models: Any, spec: dict[str, Any], max_pixels: int = 4096 * 4096,
+                    progress: Callable[[int], None] | None = None) -> tuple[AuditQueue, str]:
+    """Run ``spec`` inline in this process, without Redis (CLI, benchmarks).
+
+    Returns the queue (for ``status``) and the audit id.
+    """
+    ctx = tasks.JobContext(models=models, audits=AuditStore(MemoryKV()), max_pixels=max_pixels)
+    tasks.configure(ctx)
+    queue = AuditQueue(ctx, LocalRunner())
+    return queue, queue.run_now(spec, progress=progress)

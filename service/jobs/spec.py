@@ -48,8 +48,9 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
     seed = int(raw.get("seed", 0))
     if upload is not None:
         total = int(upload["count"])
-        queries = {"source": "upload", "upload_id": upload["id"], "total": total}
         count = total
+        queries = {"source": "upload", "upload_id": upload["id"], "count": count,
+                   "total": total}
     else:
         if q.get("upload_id"):
             raise BadInput("queries.upload_id: unknown upload", field="queries.upload_id")
@@ -102,9 +103,7 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
 
 
 def n_query_chunks(spec: dict[str, Any]) -> int:
-    count = spec["queries"]["count"] if spec["queries"]["source"] == "bundle" else \
-        spec["queries"]["total"]
-    return math.ceil(count / spec["chunk_size"])
+    return math.ceil(spec["queries"]["count"] / spec["chunk_size"])
 
 
 def chunk_keys(spec: dict[str, Any]) -> list[str]:
@@ -122,7 +121,7 @@ def parse_chunk(key: str) -> tuple[str, int, int]:
 def query_positions(spec: dict[str, Any]) -> np.ndarray:
     """Positions of the audited queries in the bundle's query split (or the upload)."""
     q = spec["queries"]
-    if q["source"] == "upload" or q["count"] >= q["total"]:
+    if q["count"] >= q["total"]:
         return np.arange(q["total"])
     rng = np.random.default_rng(q["seed"])
     return np.sort(rng.choice(q["total"], q["count"], replace=False))

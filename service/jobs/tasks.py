@@ -22,7 +22,7 @@ from service.attacks import ATTACKS
 from service.attacks.runner import attack_batch
 from service.errors import BadImage, BundleError, HashAuditError
 from service.evaluation import protocol_record, retrieval_figures
-from service.inference import decode_upload, encode_png
+from service.inference import decode_upload, encode_png, psnr_db, rmse_per_image
 from service.jobs.spec import chunk_keys, parse_chunk, query_positions, target_labels
 from service.jobs.store import FINAL, AuditStore, pack_arrays, unpack_arrays
 from service.nets.hasher import encode_uint8
@@ -109,11 +109,6 @@ def all_labels(ctx: JobContext, spec: dict[str, Any], bundle: Any) -> np.ndarray
 # ----------------------------------------------------------------------------- chunk
 
 
-def _psnr(rmse: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(rmse > 0, 20 * np.log10(1.0 / np.maximum(rmse, 1e-12)), np.inf)
-
-
 def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: str,
                   progress: Any = None) -> bytes:
     """Attack one chunk; returns its packed result. Checks for cancel between batches."""
@@ -151,8 +146,7 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
         clean_codes.append(res.clean_codes)
         ham.append(res.hamming)
         linf.append(res.linf)
-        d = (res.adversarial.astype(np.float64) - x.astype(np.float64)) / 255.0
-        rmse.append(np.sqrt((d.reshape(len(x), -1) ** 2).mean(1)))
+        rmse.append(rmse_per_image(x, res.adversarial))
         seconds += res.seconds
         for (t_adv, t_clean), other in zip(xfer, others, strict=True):
             t_adv.append(encode_uint8(other.hasher, res.adversarial))
@@ -292,7 +286,7 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
                 "flipped_any_pct": float(100.0 * (arr["hamming"] > 0).mean()),
                 "linf_max": float(arr["linf"].max()), "linf_mean": float(arr["linf"].mean()),
                 "rmse_mean": float(arr["rmse"].mean()),
-                "psnr_mean_db": _finite_mean(_psnr(arr["rmse"])),
+                "psnr_mean_db": _finite_mean(psnr_db(arr["rmse"])),
                 "seconds": seconds, "ms_per_image": 1e3 * seconds / max(1, len(adv)),
             }
             if targeted:
