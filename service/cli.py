@@ -10,6 +10,8 @@
     hashaudit worker [--burst]          run audit chunks from Redis ($HASHAUDIT_REDIS_URL)
     hashaudit audit run --bundle B --methods M... --eps E...
                                         run an audit here; writes report.json and .html
+    hashaudit audit backdoor --bundle B --target T --poisons N...
+                                        a backdoor audit here (retrains per poison count)
 """
 
 from __future__ import annotations
@@ -214,7 +216,30 @@ def cmd_audit(argv: list[str]) -> int:
     r.add_argument("--device", default=None)
     r.add_argument("--out", type=Path, default=Path("audit_out"))
     r.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("backdoor", help="a backdoor audit here: poison, retrain per poison "
+                       "count, t-MAP with the trigger (the task code of POST /audit "
+                       "type backdoor)")
+    b.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
+    b.add_argument("--store", type=Path, default=None)
+    b.add_argument("--target", required=True, help="target class (index or name)")
+    b.add_argument("--poisons", type=int, nargs="+", default=[10, 20, 40, 80],
+                   help="poisoned training images per model (0, the baseline, is added)")
+    b.add_argument("--patch", type=int, default=None, help="trigger side in pixels")
+    b.add_argument("--num-train", type=int, default=None,
+                   help="seeded subset of the bundle's train split (default: all)")
+    b.add_argument("--epochs", type=int, default=None, help="default: the bundle's recipe")
+    b.add_argument("--perturb-eps", default="8/255")
+    b.add_argument("--trigger-steps", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-save", action="store_true", help="do not freeze poisoned bundles")
+    b.add_argument("--artifacts", type=Path, default=None,
+                   help="where poisoned bundles go (default: $HASHAUDIT_ARTIFACT_DIR)")
+    b.add_argument("--device", default=None)
+    b.add_argument("--out", type=Path, default=Path("backdoor_out"))
+    b.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.action == "backdoor":
+        return _audit_backdoor(args)
 
     from tqdm import tqdm
 
@@ -253,6 +278,53 @@ def cmd_audit(argv: list[str]) -> int:
               f"(drop {a['drop_pct']:.1f}%), {a['ms_per_image']:.2f} ms/img")
         for t in a.get("transfer", []):
             print(f"  {'':>20} -> {t['model']}: mAP {t['map_clean']:.4f} -> {t['map_k']:.4f}")
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.html'}")
+    return 0
+
+
+def _audit_backdoor(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.device import resolve_device
+    from service.errors import HashAuditError
+    from service.inference import BundleService
+    from service.jobs.queue import run_local_audit
+    from service.jobs.report import render_html
+    from service.jobs.spec import normalize_backdoor_spec
+    from service.store import ModelStore
+
+    s = get_settings()
+    store = ModelStore(args.store or s.model_store, str(resolve_device(args.device or s.device)))
+    try:
+        svc = BundleService(store.get(args.bundle or s.default_bundle))
+        spec = normalize_backdoor_spec(svc, {"seed": args.seed, "backdoor": {
+            "target": args.target, "poisons": args.poisons, "patch": args.patch,
+            "num_train": args.num_train, "epochs": args.epochs,
+            "perturb_eps": args.perturb_eps, "trigger_steps": args.trigger_steps,
+            "save_bundles": not args.no_save}})
+    except HashAuditError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    b = spec["backdoor"]
+    total = len(b["poisons"]) * b["epochs"]
+    with tqdm(total=total, unit="epoch", disable=args.no_progress, desc="backdoor") as bar:
+        queue, audit_id = run_local_audit(store, spec, s.max_pixels, progress=bar.update,
+                                          artifact_dir=args.artifacts or s.artifact_dir)
+    status = queue.status(audit_id)
+    if status["state"] != "done":
+        print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(status["result"], indent=1))
+    (args.out / "report.html").write_text(render_html(status))
+    res = status["result"]
+    print(f"target {res['target_name']}, trigger {res['patch_side']} px, "
+          f"{res['train_images']} training images, {res['epochs']} epochs")
+    for row in res["rows"]:
+        where = f"  -> {row['bundle']['path']}" if row["bundle"] else ""
+        print(f"  poisons {row['poisons']:>5}: clean mAP {row['clean_map']:.4f}  t-MAP "
+              f"triggered {row['t_map_triggered']:.4f} (no trigger "
+              f"{row['t_map_untriggered']:.4f}){where}")
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.html'}")
     return 0
 

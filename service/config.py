@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         chunk_retries: times a chunk is retried when its worker died.
         worker_heartbeat_s: a running chunk renews its lease this often (lease = 3 beats).
         worker_maintenance_s: how often workers look for chunks of dead workers.
+        artifact_dir: writable folder where backdoor audits freeze their poisoned bundles
+            (``audits/<id>/<bundle>``); share it between workers and the API to download them.
+        train_timeout: seconds one training chunk (a backdoor audit's retraining) may run.
     """
 
     model_config = SettingsConfigDict(env_prefix="HASHAUDIT_", env_file=".env", extra="ignore")
@@ -64,6 +67,8 @@ class Settings(BaseSettings):
     chunk_retries: int = Field(3, ge=0, le=100)
     worker_heartbeat_s: float = Field(5.0, gt=0.0)
     worker_maintenance_s: float = Field(30.0, gt=0.0)
+    artifact_dir: Path = REPO_ROOT / "artifacts"
+    train_timeout: int = Field(24 * 3600, ge=10)
 
     @property
     def api_key_list(self) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY_ARGS, TINY_GENERATOR_ARGS, needs_fmnist
+from helpers import REDIS_TEST_URL, TINY_ARGS, TINY_GENERATOR_ARGS, needs_fmnist
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,3 +57,18 @@ def tiny_bundle(tiny_store: Path):
     from service.store import ModelStore
 
     return ModelStore(tiny_store, "cpu").get("tiny")
+
+
+@pytest.fixture(scope="module")
+def redis_db():
+    """The test Redis database, flushed before and after each module that uses it."""
+    import redis
+
+    r = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        r.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis not reachable at {REDIS_TEST_URL} ({exc}); `make test` starts one")
+    r.flushdb()
+    yield r
+    r.flushdb()

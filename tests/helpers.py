@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 FMNIST_DIR = Path(os.environ.get("HASHAUDIT_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -112,3 +116,42 @@ def stop_process(proc, timeout: float = 15) -> None:
         except Exception:  # noqa: BLE001
             proc.kill()
             proc.wait(5)
+
+
+WORKER_ENV = {"HASHAUDIT_REDIS_URL": REDIS_TEST_URL, "HASHAUDIT_WORKER_HEARTBEAT_S": "0.5",
+              "HASHAUDIT_WORKER_MAINTENANCE_S": "1", "HASHAUDIT_DEVICE": "cpu",
+              "HASHAUDIT_REDIS_PREFIX": "hashaudit-test"}
+
+
+def submit(url: str, spec: dict) -> str:
+    r = httpx.post(f"{url}/audit", json=spec, timeout=30)
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/audit/{r.json()['id']}"
+    return r.json()["id"]
+
+
+def wait(url: str, audit_id: str, timeout: float = 240, until=("done", "failed", "cancelled")):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{url}/audit/{audit_id}", timeout=30).json()
+        if st["state"] in until:
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"audit {audit_id} not finished: {st}")
+
+
+def check_renders_in_chromium(page: str, tmp_path: Path, min_images: int = 9) -> None:
+    """Headless Chromium loads the page; every image (plots, examples) decodes."""
+    exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if
+                Path(p).exists()), None)
+    if exe is None:
+        pytest.fail("chromium not installed: `make tools` (apt-get install chromium)")
+    f = tmp_path / "report.html"
+    f.write_text(page)
+    r = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--virtual-time-budget=5000", "--dump-dom", f.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', r.stdout)
+    assert m, r.stdout[:500] + r.stderr[-2000:]
+    ok, total = int(m.group(1)), int(m.group(2))
+    assert total >= min_images and ok == total, (ok, total)

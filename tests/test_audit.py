@@ -17,31 +17,23 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 
-from helpers import REDIS_TEST_URL, REPO, ServerProcess, start_worker, stop_process
-
-WORKER_ENV = {"HASHAUDIT_REDIS_URL": REDIS_TEST_URL, "HASHAUDIT_WORKER_HEARTBEAT_S": "0.5",
-              "HASHAUDIT_WORKER_MAINTENANCE_S": "1", "HASHAUDIT_DEVICE": "cpu",
-              "HASHAUDIT_REDIS_PREFIX": "hashaudit-test"}
+from helpers import (
+    REPO,
+    WORKER_ENV,
+    ServerProcess,
+    check_renders_in_chromium,
+    start_worker,
+    stop_process,
+    submit,
+    wait,
+)
 
 SPEC = {"methods": ["untargeted_gan", "pgd", "dhta_targeted"], "eps": ["8/255", "16/255"],
         "queries": {"count": 60}, "seed": 3, "chunk_size": 20, "batch_size": 10}
 
 TIMING = {"seconds", "ms_per_image", "audit_id"}
-
-
-@pytest.fixture(scope="module")
-def redis_db():
-    r = redis.Redis.from_url(REDIS_TEST_URL)
-    try:
-        r.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis not reachable at {REDIS_TEST_URL} ({exc}); `make test` starts one")
-    r.flushdb()
-    yield r
-    r.flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +76,6 @@ def strip(result: dict) -> dict:
     return clean(result)
 
 
-def submit(url: str, spec: dict) -> str:
-    r = httpx.post(f"{url}/audit", json=spec, timeout=30)
-    assert r.status_code == 202, r.text
-    assert r.headers["location"] == f"/audit/{r.json()['id']}"
-    return r.json()["id"]
-
-
-def wait(url: str, audit_id: str, timeout: float = 240, until=("done", "failed", "cancelled")):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = httpx.get(f"{url}/audit/{audit_id}", timeout=30).json()
-        if st["state"] in until:
-            return st
-        time.sleep(0.3)
-    raise AssertionError(f"audit {audit_id} not finished: {st}")
-
-
 SPEC_HTTP = {**SPEC, "model": "tiny"}
 
 
@@ -130,25 +105,6 @@ def test_audit_through_redis_worker_equals_cli(stack, reference, tmp_path):
                      headers={"Accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html")
     check_renders_in_chromium(html.text, tmp_path)
-
-
-def check_renders_in_chromium(page: str, tmp_path: Path) -> None:
-    """Headless Chromium loads the page; every image (plots, examples) decodes."""
-    exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if
-                Path(p).exists()), None)
-    if exe is None:
-        pytest.fail("chromium not installed: `make tools` (apt-get install chromium)")
-    f = tmp_path / "report.html"
-    f.write_text(page)
-    r = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu",
-                        "--virtual-time-budget=5000", "--dump-dom", f.as_uri()],
-                       capture_output=True, text=True, timeout=120)
-    import re
-
-    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', r.stdout)
-    assert m, r.stdout[:500] + r.stderr[-2000:]
-    ok, total = int(m.group(1)), int(m.group(2))
-    assert total >= 3 + 6 and ok == total, (ok, total)
 
 
 def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):
@@ -313,6 +269,18 @@ def test_bad_uploads_are_422(stack, tiny_bundle, tmp_path, case):
     ({"methods": ["pgd"], "chunk_size": 0}, "chunk_size"),
     ({"methods": ["pgd"], "colour": "red"}, "colour"),
     ({"methods": ["pgd"], "transfer_to": ["nope"]}, "transfer_to"),
+    ({"type": "poison"}, "type"),
+    ({"type": "backdoor"}, "backdoor"),
+    ({"type": "backdoor", "backdoor": {"target": "Spaceship"}}, "backdoor.target"),
+    ({"type": "backdoor", "backdoor": {"target": "Bag,Coat"}}, "backdoor.target"),
+    ({"type": "backdoor", "backdoor": {"target": "Bag", "poisons": [5000]}}, "backdoor.poisons"),
+    ({"type": "backdoor", "backdoor": {"target": "Bag", "poisons": [-1]}}, "backdoor.poisons"),
+    ({"type": "backdoor", "backdoor": {"target": "Bag", "patch": 28}}, "backdoor.patch"),
+    ({"type": "backdoor", "backdoor": {"target": "Bag", "perturb_eps": "1/2"}},
+     "backdoor.perturb_eps"),
+    ({"type": "backdoor", "backdoor": {"target": "Bag", "size": 3}}, "backdoor.size"),
+    ({"type": "backdoor", "methods": ["pgd"], "backdoor": {"target": "Bag"}}, "methods"),
+    ({"methods": ["pgd"], "backdoor": {"target": "Bag"}}, "backdoor"),
 ])
 def test_bad_audit_requests_name_the_field(stack, body, field):
     r = httpx.post(f"{stack.url}/audit", json=body)

@@ -53,7 +53,7 @@ def status_for(exc: HashAuditError) -> int:
         return 503
     if isinstance(exc, InvalidName):
         return 422
-    if isinstance(exc, UnknownName) and exc.field in ("model", "id", "audit"):
+    if isinstance(exc, UnknownName) and exc.field in ("model", "id", "audit", "bundle"):
         return 404
     if isinstance(exc, BadInput | AttackInputError | ConfigError | CorruptData | UnknownName):
         return 422

@@ -22,7 +22,7 @@ from typing import Any
 from service.config import Settings, get_settings
 from service.jobs import tasks
 from service.jobs.kv import MemoryKV
-from service.jobs.spec import chunk_keys, n_query_chunks, parse_chunk
+from service.jobs.spec import chunk_keys, is_backdoor, n_query_chunks, parse_chunk
 from service.jobs.store import FINAL, AuditStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def context_from_settings(settings: Settings | None = None, models: Any = None) 
     kv = redis_client(s.redis_url) if s.redis_url else MemoryKV()
     models = models or ModelStore(s.model_store, str(resolve_device(s.device)))
     return tasks.JobContext(models=models, audits=AuditStore(kv, s.redis_prefix),
-                            max_pixels=s.max_pixels)
+                            max_pixels=s.max_pixels, artifact_dir=s.artifact_dir)
 
 
 class LocalRunner:
@@ -87,6 +87,9 @@ class LocalRunner:
     def depth(self) -> int:
         return self._q.qsize()
 
+    def failed(self, audit_id: str, chunks: list[str]) -> list[tuple[str, str]]:
+        return []  # run_chunk records every failure itself in this process
+
     def healthy(self) -> bool:
         return True
 
@@ -104,21 +107,49 @@ class RQRunner:
 
     @staticmethod
     def job_id(audit_id: str, chunk: str) -> str:
-        method, e, c = parse_chunk(chunk)
-        return f"audit-{audit_id}-{method}-{e}-{c}"
+        return f"audit-{audit_id}-" + chunk.replace("|", "-")
 
     def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any]) -> None:
+        """One job per chunk; a backdoor audit's later chunks depend on its trigger chunk."""
         from rq import Retry
 
         s = self.settings
+        backdoor = is_backdoor(spec)
+        timeout = s.train_timeout if backdoor else s.chunk_timeout
+
+        def put(c: str, pipe: Any = None, depends_on: str | None = None) -> None:
+            self.queue.enqueue_call(
+                tasks.run_chunk, args=(audit_id, c), job_id=self.job_id(audit_id, c),
+                timeout=timeout, depends_on=depends_on,
+                retry=Retry(max=s.chunk_retries) if s.chunk_retries > 0 else None,
+                result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
+                description=f"audit {audit_id} chunk {c}", pipeline=pipe)
+
+        if backdoor:
+            first, rest = chunks[0], chunks[1:]
+            put(first)
+            for c in rest:
+                put(c, depends_on=self.job_id(audit_id, first))
+            return
         with self.connection.pipeline() as pipe:
             for c in chunks:
-                self.queue.enqueue_call(
-                    tasks.run_chunk, args=(audit_id, c), job_id=self.job_id(audit_id, c),
-                    timeout=s.chunk_timeout, retry=Retry(max=s.chunk_retries),
-                    result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
-                    description=f"audit {audit_id} chunk {c}", pipeline=pipe)
+                put(c, pipe)
             pipe.execute()
+
+    def failed(self, audit_id: str, chunks: list[str]) -> list[tuple[str, str]]:
+        """Chunks whose job failed for good (retries used up), with the last error line."""
+        from rq.job import Job, JobStatus
+        from rq.serializers import JSONSerializer
+
+        ids = [self.job_id(audit_id, c) for c in chunks]
+        out = []
+        for c, job in zip(chunks, Job.fetch_many(ids, connection=self.connection,
+                                                 serializer=JSONSerializer), strict=True):
+            if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
+                lines = (job.latest_result().exc_string if job.latest_result() else "") or ""
+                last = lines.strip().splitlines()[-1] if lines.strip() else "worker lost"
+                out.append((c, f"failed after {self.settings.chunk_retries} retries ({last})"))
+        return out
 
     def cancel(self, audit_id: str, chunks: list[str]) -> int:
         """Drop the audit's queued jobs (running ones stop at their next batch)."""
@@ -195,26 +226,18 @@ class AuditQueue:
         rec = self.store.record(audit_id)
         spec = rec["spec"]
         done = self.store.done_chunks(audit_id)
-        per_query = {}
-        cs, total_q = spec["chunk_size"], spec["queries"]["count"]
-        n_chunks_per = n_query_chunks(spec)
-        for m in spec["methods"]:
-            finished = [parse_chunk(c) for c in done if c.startswith(m + "|")]
-            imgs = sum(min(cs, total_q - c * cs) for _, _, c in finished)
-            per_query[m] = {"done_images": imgs, "total_images": total_q * len(spec["eps"]),
-                            "done_chunks": len(finished),
-                            "total_chunks": n_chunks_per * len(spec["eps"])}
+        if rec["state"] not in FINAL and self._reconcile(audit_id, spec, done):
+            rec = self.store.record(audit_id)
+        progress = (self._backdoor_progress(audit_id, spec, done) if is_backdoor(spec)
+                    else self._attack_progress(spec, done))
+        progress.update(done_chunks=len(done), total_chunks=rec["n_chunks"])
         now = time.time()
         started, finished_at = rec["started_at"], rec["finished_at"]
         out = {
-            "id": audit_id, "state": rec["state"], "error": rec["error"],
-            "model": spec["model"], "methods": spec["methods"], "eps": spec["eps"],
-            "progress": {
-                "done_images": sum(v["done_images"] for v in per_query.values()),
-                "total_images": sum(v["total_images"] for v in per_query.values()),
-                "done_chunks": len(done), "total_chunks": rec["n_chunks"],
-                "per_method": per_query,
-            },
+            "id": audit_id, "type": spec.get("type", "attack"), "state": rec["state"],
+            "error": rec["error"], "model": spec["model"],
+            "methods": spec.get("methods", []), "eps": spec.get("eps", []),
+            "progress": progress,
             "timings": {
                 "created_at": rec["created_at"], "started_at": started,
                 "finished_at": finished_at,
@@ -228,6 +251,51 @@ class AuditQueue:
             out["result"] = rec["result"]
         return out
 
+    def _reconcile(self, audit_id: str, spec: dict[str, Any], done: list[str]) -> bool:
+        """Fail the audit when a chunk's job failed for good (its retries used up), so an
+        audit never stays running forever. True if it changed the record."""
+        pending = [c for c in chunk_keys(spec) if c not in set(done)]
+        if not pending:
+            return False
+        failed = self.runner.failed(audit_id, pending)
+        if not failed:
+            return False
+        chunk, why = failed[0]
+        return self.store.finish(audit_id, "failed", error=f"chunk {chunk}: {why}")
+
+    @staticmethod
+    def _attack_progress(spec: dict[str, Any], done: list[str]) -> dict[str, Any]:
+        per_method = {}
+        cs, total_q = spec["chunk_size"], spec["queries"]["count"]
+        n_chunks_per = n_query_chunks(spec)
+        for m in spec["methods"]:
+            finished = [parse_chunk(c) for c in done if c.startswith(m + "|")]
+            imgs = sum(min(cs, total_q - c * cs) for _, _, c in finished)
+            per_method[m] = {"done_images": imgs, "total_images": total_q * len(spec["eps"]),
+                             "done_chunks": len(finished),
+                             "total_chunks": n_chunks_per * len(spec["eps"])}
+        return {
+            "done_images": sum(v["done_images"] for v in per_method.values()),
+            "total_images": sum(v["total_images"] for v in per_method.values()),
+            "per_method": per_method,
+        }
+
+    def _backdoor_progress(self, audit_id: str, spec: dict[str, Any],
+                           done: list[str]) -> dict[str, Any]:
+        """Per stage: queued / running (with its epoch) / done; epochs trained in all."""
+        info = self.store.progress(audit_id)
+        epochs = spec["backdoor"]["epochs"]
+        stages, done_epochs = {}, 0
+        for c in chunk_keys(spec):
+            st = {"state": "done" if c in done else ("running" if c in info else "queued")}
+            if c in info and c not in done:
+                st.update(info[c])
+            if c != "backdoor|trigger":
+                done_epochs += epochs if c in done else int(info.get(c, {}).get("epoch", 0))
+            stages[c.split("|", 1)[1]] = st
+        n_models = len(spec["backdoor"]["poisons"])
+        return {"done_epochs": done_epochs, "total_epochs": n_models * epochs,
+                "stages": stages}
 
 def make_audit_queue(settings: Settings, models: Any) -> AuditQueue:
     """Redis + RQ when ``redis_url`` is set, else the in-process runner."""
@@ -239,12 +307,14 @@ def make_audit_queue(settings: Settings, models: Any) -> AuditQueue:
 
 
 def run_local_audit(models: Any, spec: dict[str, Any], max_pixels: int = 4096 * 4096,
-                    progress: Callable[[int], None] | None = None) -> tuple[AuditQueue, str]:
+                    progress: Callable[[int], None] | None = None,
+                    artifact_dir: Any = None) -> tuple[AuditQueue, str]:
     """Run ``spec`` inline in this process, without Redis (CLI, benchmarks).
 
     Returns the queue (for ``status``) and the audit id.
     """
-    ctx = tasks.JobContext(models=models, audits=AuditStore(MemoryKV()), max_pixels=max_pixels)
+    ctx = tasks.JobContext(models=models, audits=AuditStore(MemoryKV()), max_pixels=max_pixels,
+                           artifact_dir=artifact_dir)
     tasks.configure(ctx)
     queue = AuditQueue(ctx, LocalRunner())
     return queue, queue.run_now(spec, progress=progress)

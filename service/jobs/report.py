@@ -108,13 +108,18 @@ def render_html(status: dict[str, Any]) -> str:
     head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{STYLE}</style></head><body data-images-loaded='pending'>"
             f"<h1>Robustness audit of <code>{html.escape(status['model'])}</code></h1>")
+    if status.get("type") == "backdoor":
+        head = head.replace("<h1>Robustness audit of", "<h1>Backdoor audit of")
     if r is None:
         p = status["progress"]
-        body = (f"<p>State: <b>{html.escape(status['state'])}</b>. "
-                f"{p['done_images']} / {p['total_images']} images done."
+        done = (f"{p['done_epochs']} / {p['total_epochs']} training epochs done"
+                if "done_epochs" in p else f"{p['done_images']} / {p['total_images']} images done")
+        body = (f"<p>State: <b>{html.escape(status['state'])}</b>. {done}."
                 + (f" Error: {html.escape(status['error'])}" if status.get("error") else "")
                 + "</p>")
         return head + body + _SCRIPT + "</body></html>"
+    if r.get("type") == "backdoor":
+        return head + _backdoor_body(status["id"], r) + _SCRIPT + "</body></html>"
     k = r["protocol"]["map_k"]
     clean = r["clean"]
     parts = [head, f"<p class='meta'>audit <code>{status['id']}</code> · bundle "
@@ -180,6 +185,77 @@ def render_html(status: dict[str, Any]) -> str:
         f"<tr><th class='l'>{html.escape(str(key))}</th><td class='l'>"
         f"{html.escape(str(val))}</td></tr>" for key, val in r["protocol"].items()) + "</table>")
     parts.append(_SCRIPT + "</body></html>")
+    return "".join(parts)
+
+
+def _backdoor_plot(r: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = r["rows"]
+    xs = [row["poisons"] for row in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(xs, [row["t_map_triggered"] for row in rows], "o-", label="t-MAP, triggered")
+    ax.plot(xs, [row["t_map_untriggered"] for row in rows], "s:", label="t-MAP, no trigger")
+    ax.plot(xs, [row["clean_map"] for row in rows], "^-", color="grey", label="clean mAP")
+    ax.axhline(r["baseline"]["t_map_triggered"], color="k", ls="--", lw=1,
+               label="t-MAP triggered, clean model")
+    ax.set_xlabel("poisoned training images")
+    ax.set_ylabel("mAP")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Backdoor toward {r['target_name']!r}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _fig_png(fig)
+
+
+def _backdoor_body(audit_id: str, r: dict[str, Any]) -> str:
+    """Trigger, t-MAP vs poisons table and plot, poisoned examples, frozen bundles."""
+    parts = [f"<p class='meta'>audit <code>{audit_id}</code> · bundle "
+             f"<code>{html.escape(r['model'])}</code> v{html.escape(str(r['bundle_version']))} "
+             f"sha <code>{r['bundle_sha'][:16]}…</code> · hashaudit {r['package_version']} · "
+             f"seed {r['seed']} · target <b>{html.escape(r['target_name'])}</b> · trigger "
+             f"{r['patch_side']} px bottom-right · confusing perturbations "
+             f"{r['perturb_eps'] * 255:.0f}/255 · retrained {r['epochs']} epochs on "
+             f"{r['train_images']} images ({r['target_train_images']} of the target class) · "
+             f"{r['queries']} queries · generated "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"]
+    sur = r["surrogate"]
+    parts.append("<h2>Trigger</h2><p class='strip'>"
+                 + _img(r["trigger_png"], "trigger") + " on queries: "
+                 + "".join(_img(x, "triggered query") for x in r["triggered_examples"])
+                 + f"</p><p class='meta'>On the surrogate (the bundle's own hasher) the trigger "
+                 f"alone gives t-MAP {_f(sur['t_map_triggered'])} (no trigger "
+                 f"{_f(sur['t_map_untriggered'])}).</p>")
+    parts.append("<h2>t-MAP vs poisoned images</h2><table><tr><th>poisons</th>"
+                 "<th>clean mAP</th><th>change vs clean model</th><th>t-MAP triggered</th>"
+                 "<th>gain vs clean model</th><th>t-MAP no trigger</th><th>train s</th>"
+                 "<th class='l'>poisoned bundle</th></tr>")
+    for row in r["rows"]:
+        b = row.get("bundle")
+        link = (f"<a href='/audit/{audit_id}/bundles/{html.escape(b['name'])}'>"
+                f"{html.escape(b['name'])}</a>" if b else
+                ("clean baseline" if row["poisons"] == 0 else "-"))
+        parts.append(
+            f"<tr><td>{row['poisons']}</td><td>{_f(row['clean_map'])}</td>"
+            f"<td>{_f(row['clean_map_change'], '+.4f')}</td><td>{_f(row['t_map_triggered'])}"
+            f"</td><td>{_f(row['t_map_gain'], '+.4f')}</td>"
+            f"<td>{_f(row['t_map_untriggered'])}</td><td>{_f(row['train_seconds'], '.0f')}</td>"
+            f"<td class='l'>{link}</td></tr>")
+    parts.append("</table>")
+    parts.append("<div class='plots'>" + _img(_backdoor_plot(r), "t-MAP vs poisons")
+                 + "</div>")
+    if r["examples"]:
+        parts.append("<h2>Poisoned training images</h2><p class='meta'>original · poisoned "
+                     "(confusing perturbation + trigger; label unchanged)</p><p class='strip'>"
+                     + " ".join(_img(e["original_png"], "original")
+                                + _img(e["poisoned_png"], "poisoned") for e in r["examples"])
+                     + "</p>")
+    parts.append("<h2>Protocol</h2><table>" + "".join(
+        f"<tr><th class='l'>{html.escape(str(key))}</th><td class='l'>"
+        f"{html.escape(str(val))}</td></tr>" for key, val in r["protocol"].items()) + "</table>")
     return "".join(parts)
 
 

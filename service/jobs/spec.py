@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from service.attacks import ATTACKS
-from service.errors import AttackInputError, BadInput, UnknownName
+from service.errors import AttackInputError, BadInput, HashAuditError, UnknownName
 from service.inference import BundleService
 
 MAX_EPS_VALUES = 16
@@ -102,12 +102,98 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
     }
 
 
+BACKDOOR_DEFAULT_POISONS = (10, 20, 40, 80)
+MAX_POISON_LEVELS = 8
+
+
+def _opt_int(raw: dict[str, Any], key: str, lo: int, hi: int, field: str) -> int | None:
+    v = raw.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise BadInput(f"{field}: an integer from {lo} to {hi}", field=field)
+    return v
+
+
+def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str, Any]:
+    """Check a backdoor audit request (``raw["backdoor"]``) against the bundle.
+
+    The audit poisons ``poisons`` target-class training images for each count asked (0, the
+    clean baseline, is always added), retrains the bundle's recipe on each poisoned set, and
+    measures clean mAP and triggered t-MAP. Errors name the field (``backdoor.<key>``).
+    """
+    from service.parsing import label_vector
+
+    b = dict(raw.get("backdoor") or {})
+    bundle = svc.bundle
+    m = bundle.manifest
+    if "target" not in b or b["target"] in (None, ""):
+        raise BadInput("backdoor.target: the target class (index or name) is required",
+                       field="backdoor.target")
+    vec = label_vector(str(b["target"]), svc.classes, "backdoor.target")
+    if int(vec.sum()) != 1:
+        raise BadInput("backdoor.target: exactly one class", field="backdoor.target")
+    target = int(vec.argmax())
+    try:
+        recipe = m.training["config"]["hasher"]
+    except (KeyError, TypeError):
+        raise BadInput(f"model: {m.name} records no hasher recipe to retrain",
+                       field="model") from None
+    num_train = _opt_int(b, "num_train", 10, 10_000_000, "backdoor.num_train")
+    images, labels = bundle.train_split(num_train, int(raw.get("seed", 0)))
+    if len(images) == 0:
+        raise BadInput(f"model: {m.name}'s gallery does not hold its train split",
+                       field="model")
+    n_target = int(labels[:, target].sum())
+    poisons_in = b.get("poisons", list(BACKDOOR_DEFAULT_POISONS))
+    poisons_in = poisons_in if isinstance(poisons_in, list) else [poisons_in]
+    if not poisons_in or len(poisons_in) > MAX_POISON_LEVELS:
+        raise BadInput(f"backdoor.poisons: 1 to {MAX_POISON_LEVELS} counts",
+                       field="backdoor.poisons")
+    for v in poisons_in:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= n_target:
+            raise BadInput(f"backdoor.poisons: counts from 0 to {n_target} (the training "
+                           f"images of {svc.classes[target]!r})", field="backdoor.poisons")
+    poisons = sorted({0, *poisons_in})
+    inp = m.input
+    patch = _opt_int(b, "patch", 1, min(inp["height"], inp["width"]) - 1, "backdoor.patch")
+    epochs = _opt_int(b, "epochs", 1, 1000, "backdoor.epochs")
+    steps = _opt_int(b, "trigger_steps", 1, 100_000, "backdoor.trigger_steps")
+    pe = b.get("perturb_eps", 8 / 255)
+    try:
+        perturb_eps = svc.check_eps(pe)
+    except HashAuditError as exc:
+        raise BadInput(exc.message.replace("eps", "backdoor.perturb_eps", 1),
+                       field="backdoor.perturb_eps") from None
+    save = b.get("save_bundles", True)
+    if not isinstance(save, bool):
+        raise BadInput("backdoor.save_bundles: true or false", field="backdoor.save_bundles")
+    return {
+        "type": "backdoor", "model": m.name, "bundle_version": m.version,
+        "bundle_sha": bundle.sha, "seed": int(raw.get("seed", 0)),
+        "backdoor": {"target": target, "target_name": svc.classes[target], "poisons": poisons,
+                     "patch": patch, "num_train": num_train, "train_images": int(len(images)),
+                     "target_train_images": n_target,
+                     "epochs": epochs if epochs is not None else int(recipe.get("epochs", 0)),
+                     "perturb_eps": perturb_eps,
+                     "trigger_steps": steps if steps is not None else 300,
+                     "save_bundles": save},
+    }
+
+
+def is_backdoor(spec: dict[str, Any]) -> bool:
+    return spec.get("type") == "backdoor"
+
+
 def n_query_chunks(spec: dict[str, Any]) -> int:
     return math.ceil(spec["queries"]["count"] / spec["chunk_size"])
 
 
 def chunk_keys(spec: dict[str, Any]) -> list[str]:
-    """``method|eps_index|chunk_index`` for every unit of work."""
+    """``method|eps_index|chunk_index`` for every unit of work (an attack audit), or
+    ``backdoor|trigger`` then ``backdoor|p<N>`` per poison count (a backdoor audit)."""
+    if is_backdoor(spec):
+        return ["backdoor|trigger"] + [f"backdoor|p{n}" for n in spec["backdoor"]["poisons"]]
     n = n_query_chunks(spec)
     return [f"{m}|{e}|{c}" for m in spec["methods"] for e in range(len(spec["eps"]))
             for c in range(n)]

@@ -7,6 +7,7 @@ Keys (``P`` = prefix, default ``hashaudit``)::
                                error, n_chunks, result (JSON when done)
     P:audit:<id>:chunks        hash: chunk key -> chunk result (npz bytes); HSET of the same
                                key replaces, so a chunk that runs twice never counts twice
+    P:audit:<id>:progress      hash: chunk key -> JSON progress inside a long chunk (epochs)
     P:audit:<id>:cancel        set when the audit is cancelled
     P:audit:<id>:reduce        lock taken by the one process that reduces
     P:upload:<id>              hash: uploaded query set (labels, names, file bytes)
@@ -128,6 +129,17 @@ class AuditStore:
     def done_chunks(self, audit_id: str) -> list[str]:
         return sorted(_s(k) for k in self.kv.hkeys(self.key(audit_id, "chunks")))
 
+    def get_chunk(self, audit_id: str, chunk: str) -> bytes | None:
+        return self.kv.hget(self.key(audit_id, "chunks"), chunk)
+
+    def set_progress(self, audit_id: str, chunk: str, info: dict[str, Any]) -> None:
+        self.kv.hset(self.key(audit_id, "progress"), chunk, json.dumps(info))
+        self.kv.expire(self.key(audit_id, "progress"), KEEP_SECONDS)
+
+    def progress(self, audit_id: str) -> dict[str, dict[str, Any]]:
+        raw = self.kv.hgetall(self.key(audit_id, "progress"))
+        return {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+
     def chunks(self, audit_id: str) -> dict[str, bytes]:
         return {_s(k): v for k, v in self.kv.hgetall(self.key(audit_id, "chunks")).items()}
 
@@ -138,6 +150,10 @@ class AuditStore:
 
     def cancelled(self, audit_id: str) -> bool:
         return bool(self.kv.exists(self.key(audit_id, "cancel")))
+
+    def stopped(self, audit_id: str) -> bool:
+        """Cancelled, or already ended (e.g. failed by another chunk): running work stops."""
+        return self.cancelled(audit_id) or self.state(audit_id) in FINAL
 
     def take_reduce_lock(self, audit_id: str, seconds: int = 600) -> bool:
         return bool(self.kv.set(self.key(audit_id, "reduce"), 1, nx=True, ex=seconds))

@@ -8,11 +8,13 @@ audit store through :func:`context`, which a process sets up once (``configure``
 from __future__ import annotations
 
 import base64
+import importlib
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,13 @@ from service.attacks.runner import attack_batch
 from service.errors import BadImage, BundleError, HashAuditError
 from service.evaluation import protocol_record, retrieval_figures
 from service.inference import decode_upload, encode_png, psnr_db, rmse_per_image
-from service.jobs.spec import chunk_keys, parse_chunk, query_positions, target_labels
+from service.jobs.spec import (
+    chunk_keys,
+    is_backdoor,
+    parse_chunk,
+    query_positions,
+    target_labels,
+)
 from service.jobs.store import FINAL, AuditStore, pack_arrays, unpack_arrays
 from service.nets.hasher import encode_uint8
 from service.retrieval.codes import pack_bits, unpack_bits
@@ -40,6 +48,7 @@ class JobContext:
     models: Any  # service.store.ModelStore
     audits: AuditStore
     max_pixels: int = 4096 * 4096
+    artifact_dir: Path | None = None  # where backdoor audits write their poisoned bundles
 
 
 _ctx: JobContext | None = None
@@ -64,7 +73,8 @@ def context() -> JobContext:
 
 
 class Cancelled(Exception):
-    """Raised inside a chunk when its audit was cancelled (the chunk stores nothing)."""
+    """Raised inside a chunk when its audit was cancelled or has ended (e.g. failed by another
+    chunk); the chunk stores nothing."""
 
 
 # ----------------------------------------------------------------------------- queries
@@ -109,13 +119,37 @@ def all_labels(ctx: JobContext, spec: dict[str, Any], bundle: Any) -> np.ndarray
 # ----------------------------------------------------------------------------- chunk
 
 
+# The backdoor audit retrains hashers, so its chunk code lives in the training package. The
+# jobs package names it here and imports it only when a worker runs such a chunk: the API
+# process (and an attack audit) never loads training code.
+BACKDOOR_TASKS = "service.training.backdoor_audit"
+
+
+def backdoor_tasks() -> Any:
+    return importlib.import_module(BACKDOOR_TASKS)
+
+
 def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: str,
                   progress: Any = None) -> bytes:
-    """Attack one chunk; returns its packed result. Checks for cancel between batches."""
+    """Run one chunk; returns its packed result. Checks for cancel between batches."""
+    if is_backdoor(spec):
+        return backdoor_tasks().compute_chunk(ctx, audit_id, spec, chunk, progress)
+    return compute_attack_chunk(ctx, audit_id, spec, chunk, progress)
+
+
+def check_bundle(ctx: JobContext, spec: dict[str, Any]) -> Any:
+    """The audit's bundle, refused if it changed since the audit was submitted."""
     bundle = ctx.models.get(spec["model"])
     if bundle.sha != spec["bundle_sha"]:
         raise BundleError(f"bundle {spec['model']} changed since the audit was submitted "
                           f"(sha {bundle.sha[:12]} != {spec['bundle_sha'][:12]})", field="model")
+    return bundle
+
+
+def compute_attack_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: str,
+                         progress: Any = None) -> bytes:
+    """Attack one chunk of queries with one method at one eps."""
+    bundle = check_bundle(ctx, spec)
     method, ei, ci = parse_chunk(chunk)
     eps = spec["eps"][ei]
     cs = spec["chunk_size"]
@@ -137,7 +171,7 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
     examples = []
     bs = spec["batch_size"]
     for b in range(0, len(images), bs):
-        if ctx.audits.cancelled(audit_id):
+        if ctx.audits.stopped(audit_id):
             raise Cancelled(audit_id)
         x = images[b:b + bs]
         res = attack_batch(bundle, method, eps, x, labels[b:b + bs],
@@ -196,7 +230,7 @@ def run_chunk(audit_id: str, chunk: str) -> dict[str, Any]:
         try:
             data = compute_chunk(ctx, audit_id, st.spec(audit_id), chunk)
         except Cancelled:
-            return {"chunk": chunk, "skipped": "cancelled"}
+            return {"chunk": chunk, "skipped": "stopped"}
         except HashAuditError as exc:
             st.finish(audit_id, "failed", error=f"chunk {chunk}: {exc.message}")
             return {"chunk": chunk, "failed": exc.message}
@@ -216,7 +250,8 @@ def maybe_reduce(audit_id: str) -> bool:
     if not st.take_reduce_lock(audit_id):
         return False
     try:
-        result = reduce_audit(ctx, audit_id, rec)
+        result = (reduce_backdoor(ctx, audit_id, rec) if is_backdoor(rec["spec"])
+                  else reduce_audit(ctx, audit_id, rec))
         st.finish(audit_id, "done", result=result)
     except Exception as exc:  # noqa: BLE001 - the audit must end, never hang
         log.exception("audit %s: reduce failed", audit_id)
@@ -311,6 +346,57 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
         "clean": {k: clean_fig[k] for k in ("map_k", "map_all", "map_1000", "p_r2", "top_n",
                                            "pr_curve")},
         "attacks": attacks, "examples": examples,
+    }
+
+
+def reduce_backdoor(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """Trigger and poison chunks -> the t-MAP vs poisons table, with p0 as the baseline."""
+    spec = rec["spec"]
+    b = spec["backdoor"]
+    chunks = ctx.audits.chunks(audit_id)
+    missing = [k for k in chunk_keys(spec) if k not in chunks]
+    if missing:
+        raise RuntimeError(f"chunks missing at reduce: {missing[:5]}")
+    trig, tmeta = unpack_arrays(chunks["backdoor|trigger"])
+    parts = {n: unpack_arrays(chunks[f"backdoor|p{n}"]) for n in b["poisons"]}
+    base = parts[0][1]["figures"]
+    rows = []
+    for n in b["poisons"]:
+        meta = parts[n][1]
+        f = meta["figures"]
+        rows.append({
+            "poisons": n, **f,
+            "clean_map_change": f["clean_map"] - base["clean_map"],
+            "t_map_gain": f["t_map_triggered"] - base["t_map_triggered"],
+            "train_seconds": meta["timings"]["train_s"], "timings": meta["timings"],
+            "bundle": meta["bundle"]})
+    examples = []
+    for n in b["poisons"]:
+        arr = parts[n][0]
+        if n > 0 and "example_poisoned" in arr:
+            examples = [{"original_png": _b64png(o), "poisoned_png": _b64png(p)}
+                        for o, p in zip(arr["example_original"], arr["example_poisoned"],
+                                        strict=True)]
+            break
+    m = ctx.models.get(spec["model"]).manifest
+    return {
+        "type": "backdoor", "audit_id": audit_id, "model": spec["model"],
+        "bundle_version": spec["bundle_version"], "bundle_sha": spec["bundle_sha"],
+        "package_version": service.__version__, "seed": spec["seed"],
+        "target": b["target"], "target_name": b["target_name"],
+        "classes": m.class_names, "bits": m.bits,
+        "patch_side": tmeta["side"], "perturb_eps": b["perturb_eps"],
+        "epochs": b["epochs"], "train_images": b["train_images"],
+        "target_train_images": b["target_train_images"],
+        "queries": int(len(ctx.models.get(spec["model"]).queries)),
+        "protocol": {"clean_map": "mAP@all of every query on the model's own re-encoded "
+                                  "gallery",
+                     "t_map": "mAP@all of the non-target queries, relevance = the target "
+                              "label, with the trigger pasted bottom-right"},
+        "surrogate": tmeta["surrogate"], "trigger_seconds": tmeta["seconds"],
+        "trigger_png": _b64png(trig["trigger"]),
+        "triggered_examples": [_b64png(x) for x in trig["example_triggered"]],
+        "baseline": rows[0], "rows": rows, "examples": examples,
     }
 
 

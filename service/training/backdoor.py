@@ -104,12 +104,103 @@ def confusing_perturbation(bundle: Bundle, x: torch.Tensor, cfg: BackdoorConfig)
     return xa.detach()
 
 
-def _train_split(bundle: Bundle, num: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    pos = {int(i): k for k, i in enumerate(bundle.gallery.ids)}
-    idx = np.array([pos[int(i)] for i in bundle.splits["train"] if int(i) in pos])
-    if num is not None and num < len(idx):
-        idx = np.sort(np.random.default_rng(seed).choice(idx, num, replace=False))
-    return bundle.gallery.thumbnails[idx].copy(), bundle.gallery.labels[idx].copy()
+@dataclass
+class BackdoorSetup:
+    """What every step of one backdoor audit shares: the recipe, the training set, the target."""
+
+    config: BackdoorConfig
+    recipe: HasherConfig
+    images: np.ndarray  # uint8 (N, C, H, W), the clean training set
+    labels: np.ndarray
+    side: int  # trigger side in pixels
+    target_onehot: torch.Tensor
+
+
+def prepare(bundle: Bundle, cfg: BackdoorConfig) -> BackdoorSetup:
+    """Check ``cfg`` against the bundle and take its training split and recipe."""
+    m = bundle.manifest
+    classes = m.class_names
+    if not 0 <= cfg.target < len(classes):
+        raise ConfigError(f"target: class index 0..{len(classes) - 1}", field="target")
+    hcfg_d = dict(m.training["config"]["hasher"])
+    if cfg.epochs is not None:
+        hcfg_d["epochs"] = cfg.epochs
+    images, labels = bundle.train_split(cfg.num_train, cfg.seed)
+    if len(images) == 0:
+        raise ConfigError(f"bundle: {m.name}'s gallery does not hold its train split",
+                          field="bundle")
+    inp = m.input
+    if images.shape[1:] != (inp["channels"], inp["height"], inp["width"]):
+        raise ConfigError("gallery thumbnails are not full-size inputs", field="bundle")
+    side = cfg.patch or max(3, round(0.1 * inp["width"]))
+    if not 1 <= side < min(inp["height"], inp["width"]):
+        raise ConfigError(f"patch: 1 to {min(inp['height'], inp['width']) - 1} pixels",
+                          field="patch")
+    n_target = int(labels[:, cfg.target].sum())
+    if cfg.poisons > n_target:
+        raise ConfigError(f"poisons: only {n_target} training images of the target class",
+                          field="poisons")
+    onehot = torch.zeros(len(classes))
+    onehot[cfg.target] = 1
+    return BackdoorSetup(cfg, HasherConfig.from_dict(hcfg_d), images, labels, side, onehot)
+
+
+def make_trigger(bundle: Bundle, setup: BackdoorSetup) -> torch.Tensor:
+    """The trigger patch (C, s, s) in [0, 1], optimised on the non-target training images."""
+    others = torch.from_numpy(setup.images[setup.labels[:, setup.config.target] == 0])
+    return optimise_trigger(bundle, others, setup.target_onehot, setup.config, setup.side)
+
+
+def poison(bundle: Bundle, setup: BackdoorSetup, trigger: torch.Tensor,
+           poisons: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training set with ``poisons`` target-class images perturbed and triggered
+    (labels unchanged). Returns the images and the poisoned indices."""
+    cfg = setup.config
+    cand = np.flatnonzero(setup.labels[:, cfg.target] == 1)
+    if poisons > len(cand):
+        raise ConfigError(f"poisons: only {len(cand)} training images of the target class",
+                          field="poisons")
+    chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(cand, poisons, replace=False))
+    out = setup.images.copy()
+    if poisons > 0:
+        x = torch.from_numpy(setup.images[chosen]).float() / 255
+        xp = paste(confusing_perturbation(bundle, x, cfg), trigger)
+        out[chosen] = torch.round(xp * 255).to(torch.uint8).numpy()
+    return out, chosen
+
+
+def train_on(bundle: Bundle, setup: BackdoorSetup, images: np.ndarray, progress: bool = False,
+             hook: Any = None, device: str = "cpu") -> Any:
+    """A hasher trained from scratch on ``images`` (and the clean labels) with the recipe."""
+    ds = ArrayImageSet(images, setup.labels, bundle.manifest.class_names, name="backdoor-train")
+    hasher, _ = train_hasher(setup.recipe, ds, device=device, progress=progress, hook=hook)
+    return hasher
+
+
+def triggered_queries(bundle: Bundle, setup: BackdoorSetup,
+                      trigger: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-target queries with and without the trigger (uint8), and their target labels."""
+    q = bundle.queries
+    nontarget = q.labels[:, setup.config.target] == 0
+    qx = torch.from_numpy(q.images[nontarget]).float() / 255
+    triggered = torch.round(paste(qx, trigger) * 255).to(torch.uint8).numpy()
+    tlab = np.zeros_like(q.labels[nontarget])
+    tlab[:, setup.config.target] = 1
+    return triggered, q.images[nontarget], tlab
+
+
+def backdoor_figures(bundle: Bundle, setup: BackdoorSetup, trigger: torch.Tensor,
+                     hasher: Any) -> dict[str, float]:
+    """Clean mAP@all (all queries) and t-MAP of the non-target queries with and without the
+    trigger (relevance = the target label), with the gallery re-encoded by ``hasher``."""
+    q = bundle.queries
+    triggered, untriggered, tlab = triggered_queries(bundle, setup, trigger)
+    db_imgs, db_labels = bundle.gallery.thumbnails, bundle.gallery.labels
+    db = encode(hasher, db_imgs)
+    clean = retrieval_figures(encode(hasher, q.images), q.labels, db, db_labels, curves=False)
+    return {"clean_map": clean["map_all"], "clean_map_1000": clean["map_1000"],
+            "t_map_triggered": targeted_map(encode(hasher, triggered), db, tlab, db_labels),
+            "t_map_untriggered": targeted_map(encode(hasher, untriggered), db, tlab, db_labels)}
 
 
 def run_backdoor(bundle: Bundle, cfg: BackdoorConfig, progress: bool = False,
@@ -119,66 +210,20 @@ def run_backdoor(bundle: Bundle, cfg: BackdoorConfig, progress: bool = False,
     ``clean_baseline``: a hasher trained with the same recipe on clean data (trained here
     when None), so the t-MAP baseline and the poisoned model differ only by the poison.
     """
-    m = bundle.manifest
-    classes = m.class_names
-    if not 0 <= cfg.target < len(classes):
-        raise ConfigError(f"target: class index 0..{len(classes) - 1}", field="target")
-    hcfg_d = dict(m.training["config"]["hasher"])
-    if cfg.epochs is not None:
-        hcfg_d["epochs"] = cfg.epochs
-    hcfg = HasherConfig.from_dict(hcfg_d)
-    images, labels = _train_split(bundle, cfg.num_train, cfg.seed)
-    inp = m.input
-    if images.shape[1:] != (inp["channels"], inp["height"], inp["width"]):
-        raise ConfigError("gallery thumbnails are not full-size inputs", field="bundle")
-    side = cfg.patch or max(3, round(0.1 * inp["width"]))
-    t_onehot = torch.zeros(len(classes))
-    t_onehot[cfg.target] = 1
+    setup = prepare(bundle, cfg)
     t0 = time.perf_counter()
-    others = torch.from_numpy(images[labels[:, cfg.target] == 0])
-    trigger = optimise_trigger(bundle, others, t_onehot, cfg, side)
-    cand = np.flatnonzero(labels[:, cfg.target] == 1)
-    if cfg.poisons > len(cand):
-        raise ConfigError(f"poisons: only {len(cand)} training images of the target class",
-                          field="poisons")
-    chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(cand, cfg.poisons,
-                                                                 replace=False))
-    poisoned = images.copy()
-    if cfg.poisons > 0:
-        x = torch.from_numpy(images[chosen]).float() / 255
-        xp = paste(confusing_perturbation(bundle, x, cfg), trigger)
-        poisoned[chosen] = torch.round(xp * 255).to(torch.uint8).numpy()
+    trigger = make_trigger(bundle, setup)
+    poisoned, chosen = poison(bundle, setup, trigger, cfg.poisons)
     t_poison = time.perf_counter() - t0
-
-    def train(imgs: np.ndarray) -> Any:
-        ds = ArrayImageSet(imgs, labels, classes, name="backdoor-train")
-        hasher, _ = train_hasher(hcfg, ds, device="cpu", progress=progress)
-        return hasher
-
-    poisoned_hasher = train(poisoned)
-    clean_hasher = clean_baseline if clean_baseline is not None else train(images)
-
-    q = bundle.queries
-    nontarget = q.labels[:, cfg.target] == 0
-    qx = torch.from_numpy(q.images[nontarget]).float() / 255
-    triggered = torch.round(paste(qx, trigger) * 255).to(torch.uint8).numpy()
-    tlab = np.zeros_like(q.labels[nontarget])
-    tlab[:, cfg.target] = 1
-    db_imgs, db_labels = bundle.gallery.thumbnails, bundle.gallery.labels
-
-    def figures(h: Any) -> dict[str, float]:
-        db = encode(h, db_imgs)
-        clean = retrieval_figures(encode(h, q.images), q.labels, db, db_labels, curves=False)
-        return {"clean_map": clean["map_all"],
-                "t_map_triggered": targeted_map(encode(h, triggered), db, tlab, db_labels),
-                "t_map_untriggered": targeted_map(encode(h, q.images[nontarget]), db, tlab,
-                                                  db_labels)}
-
+    poisoned_hasher = train_on(bundle, setup, poisoned, progress)
+    clean_hasher = (clean_baseline if clean_baseline is not None
+                    else train_on(bundle, setup, setup.images, progress))
     return {
-        "config": dataclasses.asdict(cfg), "target_name": classes[cfg.target],
-        "patch_side": side, "hasher_recipe": hcfg.to_dict(), "train_images": len(images),
-        "poison_seconds": round(t_poison, 1),
-        "poisoned": figures(poisoned_hasher), "clean": figures(clean_hasher),
+        "config": dataclasses.asdict(cfg), "target_name": bundle.manifest.class_names[cfg.target],
+        "patch_side": setup.side, "hasher_recipe": setup.recipe.to_dict(),
+        "train_images": len(setup.images), "poison_seconds": round(t_poison, 1),
+        "poisoned": backdoor_figures(bundle, setup, trigger, poisoned_hasher),
+        "clean": backdoor_figures(bundle, setup, trigger, clean_hasher),
         "poisoned_hasher": poisoned_hasher, "clean_hasher": clean_hasher,
         "trigger": trigger, "poison_indices": chosen.tolist(),
     }

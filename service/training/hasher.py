@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,13 @@ def train_hasher(
     device: str = "auto",
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    hook: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Hasher, list[dict[str, float]]]:
     """Train a hasher; resume from ``checkpoint_dir`` when it holds a checkpoint of ``cfg``.
+
+    ``hook`` (if given) is called every 20 steps and after each epoch with ``epoch``,
+    ``epochs``, ``step`` and ``steps``; an exception it raises stops training (jobs use it for
+    progress and cancel).
 
     Randomness (init, shuffling, augmentation) derives from ``cfg.seed`` and the epoch number,
     so a resumed run continues exactly as an uninterrupted one would.
@@ -136,9 +142,14 @@ def train_hasher(
                 sums[k] = sums.get(k, 0.0) + v
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
+                if hook is not None:
+                    hook({"epoch": epoch, "epochs": cfg.epochs, "step": step,
+                          "steps": steps_per_epoch})
         rec = {k: v / steps_per_epoch for k, v in sums.items()}
         rec.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - t0)
         history.append(rec)
+        if hook is not None:
+            hook({"epoch": epoch + 1, "epochs": cfg.epochs, "step": 0, "steps": steps_per_epoch})
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
         if checkpoint_dir is not None:

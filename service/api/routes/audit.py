@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import re
-from typing import Annotated, Any
+import tarfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +19,7 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS
 from service.errors import BadInput, UnknownName
 from service.jobs.report import render_html
-from service.jobs.spec import normalize_spec
+from service.jobs.spec import normalize_backdoor_spec, normalize_spec
 from service.jobs.uploads import parse_query_archive, save_upload, upload_meta
 
 router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
@@ -33,14 +36,40 @@ class QueriesSpec(BaseModel):
                                   "(POST /audit/uploads)")
 
 
+class BackdoorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: int | str = Field(description="target class (index or name)")
+    poisons: int | list[int] = Field(
+        [10, 20, 40, 80], description="poisoned training images; one count or several (a "
+        "model is retrained per count; 0, the clean baseline, is always added)")
+    patch: int | None = Field(None, ge=1, description="trigger side in pixels (default 10% "
+                              "of the width, at least 3)")
+    num_train: int | None = Field(None, ge=10, description="seeded subset of the bundle's "
+                                  "train split (default: all of it)")
+    epochs: int | None = Field(None, ge=1, le=1000,
+                               description="training epochs (default: the bundle's recipe)")
+    perturb_eps: float | str = Field("8/255", description="L-inf budget of the confusing "
+                                     "perturbations")
+    trigger_steps: int | None = Field(None, ge=1, le=100_000,
+                                      description="trigger optimisation steps (default 300)")
+    save_bundles: bool = Field(True, description="freeze each poisoned hasher as a bundle "
+                               "(GET /audit/{id}/bundles/{name} downloads it)")
+
+
 class AuditRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "fmnist-dpsh-32", "methods": ["untargeted_gan", "pgd"],
         "eps": ["8/255", "16/255"], "queries": {"count": 200, "seed": 0}, "top_k": None,
-        "seed": 0}]})
+        "seed": 0}, {"model": "fmnist-dpsh-32", "type": "backdoor",
+                     "backdoor": {"target": "Bag", "poisons": [40, 80], "epochs": 8}}]})
+    type: Literal["attack", "backdoor"] = Field(
+        "attack", description="attack: adversarial queries against the frozen hasher; "
+        "backdoor: clean-label poisoning of its training set, retrained on the workers")
     model: str | None = Field(None, description="bundle; default the server's default bundle")
-    methods: list[str] = Field(min_length=1, max_length=16,
-                               description="registered attacks (GET /models lists them)")
+    backdoor: BackdoorSpec | None = Field(None, description="backdoor audits only")
+    methods: list[str] | None = Field(None, min_length=1, max_length=16,
+                                      description="registered attacks (GET /models lists "
+                                      "them); default: the bundle's default generator")
     eps: float | str | list[float | str] = Field(
         "8/255", description="one budget or a list for a robustness curve; 8/255 or 0.0314")
     queries: QueriesSpec = Field(default_factory=QueriesSpec)
@@ -74,6 +103,13 @@ async def create_audit(request: Request, body: AuditRequest) -> JSON:
     state = get_state(request)
     svc = service_for(state, body.model)
     audits = _audits(state)
+    if body.type == "backdoor":
+        spec = await run_in_threadpool(_backdoor_spec, svc, body)
+        audit_id = await run_in_threadpool(audits.submit, spec)
+        out = audits.status(audit_id, with_result=False)
+        return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
+    if body.backdoor is not None:
+        raise BadInput('backdoor: only for "type": "backdoor"', field="backdoor")
     upload = None
     if body.queries.upload_id:
         upload = upload_meta(audits.store, body.queries.upload_id)
@@ -86,6 +122,21 @@ async def create_audit(request: Request, body: AuditRequest) -> JSON:
     audit_id = await run_in_threadpool(audits.submit, spec)
     out = audits.status(audit_id, with_result=False)
     return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
+
+
+ATTACK_ONLY = frozenset({"methods", "eps", "queries", "top_k", "chunk_size", "batch_size",
+                         "transfer_to"})
+
+
+def _backdoor_spec(svc: Any, body: AuditRequest) -> dict[str, Any]:
+    extra = sorted(ATTACK_ONLY & body.model_fields_set)
+    if extra:
+        raise BadInput(f"{extra[0]}: not used by a backdoor audit", field=extra[0])
+    if body.backdoor is None:
+        raise BadInput("backdoor: the backdoor settings (at least target) are required",
+                       field="backdoor")
+    return normalize_backdoor_spec(svc, {"seed": body.seed,
+                                         "backdoor": body.backdoor.model_dump()})
 
 
 @router.get("/audit", responses=ERRORS, summary="Recent audits (newest first)")
@@ -132,6 +183,36 @@ async def report(request: Request, audit_id: str,
         return JSON({"id": audit_id, "state": status["state"], "error": status["error"],
                      "progress": status["progress"], "report": None})
     return JSON(status["result"])
+
+
+@router.get("/audit/{audit_id}/bundles/{name}", responses={
+    200: {"content": {"application/gzip": {}}}, **ERRORS},
+    summary="Download a poisoned bundle a backdoor audit froze (tar.gz of the bundle folder)")
+async def download_bundle(request: Request, audit_id: str, name: str) -> Response:
+    audits = _audits(get_state(request))
+    status = await run_in_threadpool(audits.status, _check_id(audit_id))
+    result = status["result"] or {}
+    rows = [r for r in result.get("rows", []) if r.get("bundle") and
+            r["bundle"]["name"] == name]
+    if not rows:
+        raise UnknownName(f"bundle: audit {audit_id} froze no bundle {name!r}" +
+                          ("" if status["state"] == "done" else
+                           f" (the audit is {status['state']})"), field="bundle")
+    info = rows[0]["bundle"]
+    data = await run_in_threadpool(_tar_folder, Path(info["path"]), info)
+    return Response(data, media_type="application/gzip", headers={
+        "Content-Disposition": f'attachment; filename="{name}.tar.gz"'})
+
+
+def _tar_folder(folder: Path, info: dict[str, Any]) -> bytes:
+    if not (folder / "SHA256SUMS").is_file():
+        raise UnknownName(f"bundle: {info['name']} was written on {info['host']} at "
+                          f"{folder}, which this server cannot read (share "
+                          "HASHAUDIT_ARTIFACT_DIR between workers and the API)", field="bundle")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=3) as tar:
+        tar.add(folder, arcname=info["name"])
+    return buf.getvalue()
 
 
 @router.post("/audit/uploads", status_code=201, responses=ERRORS,
