@@ -8,8 +8,8 @@ CPU).
 
     python benchmarks/backdoor.py [--poisons 10 20 40 80] [--num-train 3000 --epochs 8]
 
-Prints a table and writes ``benchmarks/results/backdoor.json``, the audit's HTML report
-(``backdoor.html``, with the plot) and ``backdoor.png``.
+Prints a table and writes ``benchmarks/results/<name>.json`` (``--name``, default backdoor),
+the audit's HTML report (``<name>.html``, with the plot) and ``<name>.png``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--patch", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--name", default="backdoor", help="results file stem (JSON, PNG, HTML)")
     args = p.parse_args()
     store = ModelStore(REPO / "model_store", "cpu")
     svc = BundleService(store.get(args.bundle))
@@ -75,13 +75,13 @@ def main() -> int:
         ("t_map_gain", "gain vs clean model", "+.4f"),
         ("t_map_untriggered", "t-MAP no trigger", ".4f"), ("train_s", "train s", ".0f")])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "backdoor.png").write_bytes(base64.b64decode(_backdoor_plot(r)))
-    (RESULTS / "backdoor.html").write_text(render_html(status))
-    write_json("backdoor", {
+    (RESULTS / f"{args.name}.png").write_bytes(base64.b64decode(_backdoor_plot(r)))
+    (RESULTS / f"{args.name}.html").write_text(render_html(status))
+    write_json(args.name, {
         "machine": machine(), "bundle": args.bundle, "target": r["target_name"],
         "patch": r["patch_side"], "num_train": r["train_images"], "epochs": r["epochs"],
         "surrogate": r["surrogate"], "seconds": time.perf_counter() - t0, "rows": rows,
-        "table": table}, args.out)
+        "table": table})
     return 0
 
 
