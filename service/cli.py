@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.config import get_settings
 from service.errors import HashAuditError
@@ -241,12 +242,9 @@ def cmd_audit(argv: list[str]) -> int:
     if args.action == "backdoor":
         return _audit_backdoor(args)
 
-    from tqdm import tqdm
 
     from service.device import resolve_device
     from service.inference import BundleService
-    from service.jobs.queue import run_local_audit
-    from service.jobs.report import render_html
     from service.jobs.spec import normalize_spec
     from service.store import ModelStore
 
@@ -262,16 +260,9 @@ def cmd_audit(argv: list[str]) -> int:
         "transfer_to": args.transfer_to,
     }, max_queries=s.max_audit_queries, lookup=store.get)
     total = spec["queries"]["count"] * len(spec["methods"]) * len(spec["eps"])
-    with tqdm(total=total, unit="img", disable=args.no_progress, desc="audit") as bar:
-        queue, audit_id = run_local_audit(store, spec, s.max_pixels, progress=bar.update)
-    status = queue.status(audit_id)
-    if status["state"] != "done":
-        print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)
+    res = _run_local(store, spec, args, total, "img")
+    if res is None:
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(status["result"], indent=1))
-    (args.out / "report.html").write_text(render_html(status))
-    res = status["result"]
     print(f"clean mAP@{res['protocol']['map_k']}: {res['clean']['map_k']:.4f}")
     for a in res["attacks"]:
         print(f"  {a['method']:>20} eps {a['eps_levels']:>3}/255: mAP {a['map_k']:.4f} "
@@ -282,14 +273,33 @@ def cmd_audit(argv: list[str]) -> int:
     return 0
 
 
-def _audit_backdoor(args: argparse.Namespace) -> int:
+def _run_local(store: Any, spec: dict[str, Any], args: argparse.Namespace, total: int,
+               unit: str, artifact_dir: Path | None = None) -> dict[str, Any] | None:
+    """Run an audit inline with a progress bar; write report.json and report.html to
+    ``args.out``. Returns the result, or None (after printing why) if it did not finish."""
     from tqdm import tqdm
+
+    from service.jobs.queue import run_local_audit
+    from service.jobs.report import render_html
+
+    with tqdm(total=total, unit=unit, disable=args.no_progress, desc="audit") as bar:
+        queue, audit_id = run_local_audit(store, spec, get_settings().max_pixels,
+                                          progress=bar.update, artifact_dir=artifact_dir)
+    status = queue.status(audit_id)
+    if status["state"] != "done":
+        print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)
+        return None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(status["result"], indent=1))
+    (args.out / "report.html").write_text(render_html(status))
+    return status["result"]
+
+
+def _audit_backdoor(args: argparse.Namespace) -> int:
 
     from service.device import resolve_device
     from service.errors import HashAuditError
     from service.inference import BundleService
-    from service.jobs.queue import run_local_audit
-    from service.jobs.report import render_html
     from service.jobs.spec import normalize_backdoor_spec
     from service.store import ModelStore
 
@@ -306,18 +316,10 @@ def _audit_backdoor(args: argparse.Namespace) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     b = spec["backdoor"]
-    total = len(b["poisons"]) * b["epochs"]
-    with tqdm(total=total, unit="epoch", disable=args.no_progress, desc="backdoor") as bar:
-        queue, audit_id = run_local_audit(store, spec, s.max_pixels, progress=bar.update,
-                                          artifact_dir=args.artifacts or s.artifact_dir)
-    status = queue.status(audit_id)
-    if status["state"] != "done":
-        print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)
+    res = _run_local(store, spec, args, len(b["poisons"]) * b["epochs"], "epoch",
+                     artifact_dir=args.artifacts or s.artifact_dir)
+    if res is None:
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(status["result"], indent=1))
-    (args.out / "report.html").write_text(render_html(status))
-    res = status["result"]
     print(f"target {res['target_name']}, trigger {res['patch_side']} px, "
           f"{res['train_images']} training images, {res['epochs']} epochs")
     for row in res["rows"]:
