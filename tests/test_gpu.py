@@ -60,3 +60,24 @@ def test_paper_scale_generator_forward_on_cuda(cuda):
         delta = gen(x, dec(feat), 8 / 255)
         u = hasher(x + delta)
     assert delta.abs().max() <= 8 / 255 + 1e-6 and u.shape == (8, 64)
+
+
+def test_backdoor_audit_chunks_run_on_cuda(cuda, tmp_path):
+    """A short backdoor audit with the bundle on CUDA (what a GPU worker holds): trigger,
+    poisoning, retraining and evaluation all run, and the poisoned bundle is frozen."""
+    from helpers import REPO
+    from service.inference import BundleService
+    from service.jobs.queue import run_local_audit
+    from service.jobs.spec import normalize_backdoor_spec
+    from service.store import ModelStore, load_bundle
+
+    store = ModelStore(REPO / "model_store", "cuda")
+    svc = BundleService(store.get("fmnist-dpsh-32"))
+    spec = normalize_backdoor_spec(svc, {"seed": 0, "backdoor": {
+        "target": "Bag", "poisons": [20], "num_train": 500, "epochs": 1, "trigger_steps": 10}})
+    queue, audit_id = run_local_audit(store, spec, artifact_dir=tmp_path)
+    st = queue.status(audit_id)
+    assert st["state"] == "done", st["error"]
+    row = st["result"]["rows"][1]
+    assert row["poisons"] == 20 and 0.0 <= row["t_map_triggered"] <= 1.0
+    assert load_bundle(row["bundle"]["path"]).manifest.extra["poisoned"]["target_name"] == "Bag"

@@ -62,15 +62,19 @@ def paste(x: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
 
 def optimise_trigger(bundle: Bundle, images: torch.Tensor, target: torch.Tensor,
                      cfg: BackdoorConfig, side: int) -> torch.Tensor:
-    """A patch that pulls any image's code toward the target's anchor code."""
-    hasher = bundle.hasher
-    anchor = bundle_context(bundle).anchor_codes(target[None])[0]
+    """A patch (on the CPU) that pulls any image's code toward the target's anchor code.
+
+    Runs on the bundle's device; the random draws come from a CPU generator, so the patch
+    depends on the seed alone."""
+    hasher, dev = bundle.hasher, bundle.device
+    anchor = bundle_context(bundle).anchor_codes(target[None].to(dev))[0]
     gen = torch.Generator().manual_seed(cfg.seed)
-    logits = torch.zeros(images.shape[1], side, side).normal_(generator=gen).requires_grad_(True)
+    init = torch.zeros(images.shape[1], side, side).normal_(generator=gen)
+    logits = init.to(dev).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=cfg.trigger_lr)
     for _ in range(cfg.trigger_steps):
         idx = torch.randint(0, len(images), (min(128, len(images)),), generator=gen)
-        x = images[idx].float() / 255
+        x = images[idx].to(dev).float() / 255
         with torch.no_grad():
             scale = scale_for(hasher(x))
         u = hasher(paste(x, torch.sigmoid(logits)))
@@ -78,11 +82,12 @@ def optimise_trigger(bundle: Bundle, images: torch.Tensor, target: torch.Tensor,
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return torch.sigmoid(logits).detach()
+    return torch.sigmoid(logits).detach().cpu()
 
 
 def confusing_perturbation(bundle: Bundle, x: torch.Tensor, cfg: BackdoorConfig) -> torch.Tensor:
-    """PGD: away from each image's clean code and apart from each other (x in [0, 1])."""
+    """PGD: away from each image's clean code and apart from each other (x in [0, 1], on the
+    bundle's device)."""
     hasher = bundle.hasher
     with torch.no_grad():
         u0 = hasher(x)
@@ -90,7 +95,7 @@ def confusing_perturbation(bundle: Bundle, x: torch.Tensor, cfg: BackdoorConfig)
     k, n = u0.shape[1], len(x)
     step = 2.5 * cfg.perturb_eps / cfg.perturb_steps
     xa = x.clone()
-    off = 1 - torch.eye(n)
+    off = 1 - torch.eye(n, device=x.device)
     for _ in range(cfg.perturb_steps):
         xa.requires_grad_(True)
         h = torch.tanh(scale * hasher(xa))
@@ -163,8 +168,8 @@ def poison(bundle: Bundle, setup: BackdoorSetup, trigger: torch.Tensor,
     chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(cand, poisons, replace=False))
     out = setup.images.copy()
     if poisons > 0:
-        x = torch.from_numpy(setup.images[chosen]).float() / 255
-        xp = paste(confusing_perturbation(bundle, x, cfg), trigger)
+        x = torch.from_numpy(setup.images[chosen]).to(bundle.device).float() / 255
+        xp = paste(confusing_perturbation(bundle, x, cfg).cpu(), trigger)
         out[chosen] = torch.round(xp * 255).to(torch.uint8).numpy()
     return out, chosen
 
@@ -196,11 +201,18 @@ def backdoor_figures(bundle: Bundle, setup: BackdoorSetup, trigger: torch.Tensor
     q = bundle.queries
     triggered, untriggered, tlab = triggered_queries(bundle, setup, trigger)
     db_imgs, db_labels = bundle.gallery.thumbnails, bundle.gallery.labels
-    db = encode(hasher, db_imgs)
-    clean = retrieval_figures(encode(hasher, q.images), q.labels, db, db_labels, curves=False)
-    return {"clean_map": clean["map_all"], "clean_map_1000": clean["map_1000"],
-            "t_map_triggered": targeted_map(encode(hasher, triggered), db, tlab, db_labels),
-            "t_map_untriggered": targeted_map(encode(hasher, untriggered), db, tlab, db_labels)}
+    dev = bundle.device
+
+    def enc(images: np.ndarray) -> np.ndarray:
+        return encode(hasher, images, device=dev)
+
+    db = enc(db_imgs)
+    clean = retrieval_figures(enc(q.images), q.labels, db, db_labels, curves=False)
+    out = {"clean_map": clean["map_all"], "clean_map_1000": clean["map_1000"],
+           "t_map_triggered": targeted_map(enc(triggered), db, tlab, db_labels),
+           "t_map_untriggered": targeted_map(enc(untriggered), db, tlab, db_labels)}
+    hasher.cpu()  # as train_hasher returns it; the caller freezes it from the CPU
+    return out
 
 
 def run_backdoor(bundle: Bundle, cfg: BackdoorConfig, progress: bool = False,
