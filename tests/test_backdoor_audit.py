@@ -167,6 +167,16 @@ def test_backdoor_audit_cli_and_its_errors(tiny_store, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "poisons     5" in r.stdout and (tmp_path / "out" / "report.html").exists()
     assert len(list((tmp_path / "art" / "audits").glob("*/tiny-backdoor-*-p5"))) == 1
+    # a worker whose artifact folder cannot be made fails the audit before training, naming it
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    t0 = time.monotonic()
+    r = subprocess.run([*base, "--target", "Bag", "--poisons", "5", "--epochs", "200",
+                        "--num-train", "300", "--trigger-steps", "5", "--artifacts", str(blocker),
+                        "--out", str(tmp_path / "out2")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert r.returncode == 2 and "cannot be created" in r.stderr, r.stderr[-2000:]
+    assert str(blocker) in r.stderr and time.monotonic() - t0 < 60
     r = subprocess.run([*base, "--target", "Spaceship"], capture_output=True, text=True,
                        timeout=120, cwd=REPO, env=env)
     assert r.returncode == 2 and "backdoor.target" in r.stderr, r.stderr[-2000:]

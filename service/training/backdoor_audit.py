@@ -18,8 +18,10 @@ such a chunk (``service.jobs.tasks.BACKDOOR_TASKS``).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,8 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
 def _trigger_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any) -> bytes:
     t0 = time.perf_counter()
     setup = prepare(bundle, config_of(spec, 0))
+    if spec["backdoor"]["save_bundles"] and max(spec["backdoor"]["poisons"]) > 0:
+        artifact_root(ctx, audit_id)  # fail now, not after the first model has trained
     ctx.audits.set_progress(audit_id, "backdoor|trigger", {"stage": "optimising trigger"})
     trigger = make_trigger(bundle, setup)
     triggered, untriggered, tlab = triggered_queries(bundle, setup, trigger)
@@ -102,6 +106,8 @@ def _poison_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: 
     trigger = torch.from_numpy(trig_arrays["trigger"]).float() / 255
     cfg = config_of(spec, poisons)
     setup = prepare(bundle, cfg)
+    if poisons > 0 and spec["backdoor"]["save_bundles"]:
+        artifact_root(ctx, audit_id)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     st.set_progress(audit_id, chunk, {"stage": "poisoning", "poisons": poisons})
@@ -141,10 +147,9 @@ def _poison_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: 
                                 "recipe_epochs": setup.recipe.epochs, "bundle": saved})
 
 
-def _save(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any, setup: Any,
-          hasher: Any, trigger: torch.Tensor, chosen: np.ndarray,
-          figures: dict[str, float]) -> dict[str, Any]:
-    """Freeze the poisoned hasher under ``<artifact_dir>/audits/<id>/``."""
+def artifact_root(ctx: JobContext, audit_id: str) -> Path:
+    """``<artifact_dir>/audits/<id>/``, created and checked writable (before any training, so a
+    misconfigured worker fails the audit at once rather than after hours of it)."""
     if ctx.artifact_dir is None:
         raise ConfigError("HASHAUDIT_ARTIFACT_DIR is not set; poisoned bundles have nowhere "
                           "to go (or submit with backdoor.save_bundles false)",
@@ -153,8 +158,19 @@ def _save(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any, set
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"artifact folder {root} is not writable: {exc.strerror}",
-                          field="backdoor.save_bundles") from None
+        raise ConfigError(f"artifact folder {root} cannot be created on {socket.gethostname()}:"
+                          f" {exc.strerror or exc}", field="backdoor.save_bundles") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"artifact folder {root} is not writable on {socket.gethostname()}",
+                          field="backdoor.save_bundles")
+    return root
+
+
+def _save(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any, setup: Any,
+          hasher: Any, trigger: torch.Tensor, chosen: np.ndarray,
+          figures: dict[str, float]) -> dict[str, Any]:
+    """Freeze the poisoned hasher under ``<artifact_dir>/audits/<id>/``."""
+    root = artifact_root(ctx, audit_id)
     name = bundle_name(spec, audit_id, int(len(chosen)))
     result = {"config": {**config_of(spec, int(len(chosen))).__dict__},
               "target_name": spec["backdoor"]["target_name"], "patch_side": setup.side,
