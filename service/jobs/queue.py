@@ -146,8 +146,9 @@ class RQRunner:
         for c, job in zip(chunks, Job.fetch_many(ids, connection=self.connection,
                                                  serializer=JSONSerializer), strict=True):
             if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
-                lines = (job.latest_result().exc_string if job.latest_result() else "") or ""
-                last = lines.strip().splitlines()[-1] if lines.strip() else "worker lost"
+                result = job.latest_result()
+                lines = ((result.exc_string if result is not None else "") or "").strip()
+                last = lines.splitlines()[-1] if lines else "worker lost"
                 out.append((c, f"failed after {self.settings.chunk_retries} retries ({last})"))
         return out
 
@@ -254,7 +255,8 @@ class AuditQueue:
     def _reconcile(self, audit_id: str, spec: dict[str, Any], done: list[str]) -> bool:
         """Fail the audit when a chunk's job failed for good (its retries used up), so an
         audit never stays running forever. True if it changed the record."""
-        pending = [c for c in chunk_keys(spec) if c not in set(done)]
+        finished = set(done)
+        pending = [c for c in chunk_keys(spec) if c not in finished]
         if not pending:
             return False
         failed = self.runner.failed(audit_id, pending)
