@@ -140,8 +140,9 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
         raise BadInput(f"model: {m.name} records no hasher recipe to retrain",
                        field="model") from None
     num_train = _opt_int(b, "num_train", 10, 10_000_000, "backdoor.num_train")
-    images, labels = bundle.train_split(num_train, int(raw.get("seed", 0)))
-    if len(images) == 0:
+    train = bundle.train_positions(num_train, int(raw.get("seed", 0)))
+    labels = bundle.gallery.labels[train]  # labels only: no image copies on the request path
+    if len(train) == 0:
         raise BadInput(f"model: {m.name}'s gallery does not hold its train split",
                        field="model")
     n_target = int(labels[:, target].sum())
@@ -172,7 +173,7 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
         "type": "backdoor", "model": m.name, "bundle_version": m.version,
         "bundle_sha": bundle.sha, "seed": int(raw.get("seed", 0)),
         "backdoor": {"target": target, "target_name": svc.classes[target], "poisons": poisons,
-                     "patch": patch, "num_train": num_train, "train_images": int(len(images)),
+                     "patch": patch, "num_train": num_train, "train_images": int(len(train)),
                      "target_train_images": n_target,
                      "epochs": epochs if epochs is not None else int(recipe.get("epochs", 0)),
                      "perturb_eps": perturb_eps,

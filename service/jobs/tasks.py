@@ -378,7 +378,8 @@ def reduce_backdoor(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict
                         for o, p in zip(arr["example_original"], arr["example_poisoned"],
                                         strict=True)]
             break
-    m = ctx.models.get(spec["model"]).manifest
+    bundle = ctx.models.get(spec["model"])
+    m = bundle.manifest
     return {
         "type": "backdoor", "audit_id": audit_id, "model": spec["model"],
         "bundle_version": spec["bundle_version"], "bundle_sha": spec["bundle_sha"],
@@ -388,7 +389,7 @@ def reduce_backdoor(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict
         "patch_side": tmeta["side"], "perturb_eps": b["perturb_eps"],
         "epochs": b["epochs"], "train_images": b["train_images"],
         "target_train_images": b["target_train_images"],
-        "queries": int(len(ctx.models.get(spec["model"]).queries)),
+        "queries": int(len(bundle.queries)),
         "protocol": {"clean_map": "mAP@all of every query on the model's own re-encoded "
                                   "gallery",
                      "t_map": "mAP@all of the non-target queries, relevance = the target "

@@ -101,16 +101,20 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.hasher.parameters()).device
 
-    def train_split(self, num: int | None = None,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images and labels of the hasher's training split, taken from the gallery
-        (a seeded subset of ``num`` images when given). Empty when the gallery does not hold
-        the train split."""
+    def train_positions(self, num: int | None = None, seed: int = 0) -> np.ndarray:
+        """Gallery positions of the hasher's training split (a seeded subset of ``num`` when
+        given). Empty when the gallery does not hold the train split."""
         pos = {int(i): k for k, i in enumerate(self.gallery.ids)}
         idx = np.array([pos[int(i)] for i in self.splits.get("train", []) if int(i) in pos],
                        np.int64)
         if num is not None and num < len(idx):
             idx = np.sort(np.random.default_rng(seed).choice(idx, num, replace=False))
+        return idx
+
+    def train_split(self, num: int | None = None,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images and labels of :meth:`train_positions`, taken from the gallery."""
+        idx = self.train_positions(num, seed)
         return self.gallery.thumbnails[idx].copy(), self.gallery.labels[idx].copy()
 
     def prototype(self) -> torch.nn.Module | None:

@@ -17,6 +17,7 @@ such a chunk (``service.jobs.tasks.BACKDOOR_TASKS``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -172,7 +173,7 @@ def _save(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any, set
     """Freeze the poisoned hasher under ``<artifact_dir>/audits/<id>/``."""
     root = artifact_root(ctx, audit_id)
     name = bundle_name(spec, audit_id, int(len(chosen)))
-    result = {"config": {**config_of(spec, int(len(chosen))).__dict__},
+    result = {"config": dataclasses.asdict(setup.config),
               "target_name": spec["backdoor"]["target_name"], "patch_side": setup.side,
               "hasher_recipe": setup.recipe.to_dict(), "train_images": len(setup.images),
               "poisoned": figures, "poisoned_hasher": hasher, "trigger": trigger,
