@@ -209,13 +209,16 @@ def test_uploaded_queries_and_a_corrupt_image_fails_the_audit(stack, tiny_bundle
         up = _upload(stack.url, _archive(tmp_path, imgs, lines, "tar"), "q.tar.gz")
         assert up.status_code == 201, up.text
         assert up.json()["count"] == 12
-        audit_id = submit(stack.url, {**SPEC_HTTP, "methods": ["pgd"], "eps": "8/255",
-                                      "queries": {"upload_id": up.json()["id"]},
+        audit_id = submit(stack.url, {**SPEC_HTTP, "methods": ["pgd", "dhta_targeted"],
+                                      "eps": "16/255", "queries": {"upload_id": up.json()["id"]},
                                       "chunk_size": 5})
         st = wait(stack.url, audit_id)
         assert st["state"] == "done", st
         assert st["result"]["queries"]["source"] == "upload"
         assert st["result"]["queries"]["audited"] == 12
+        # targets drawn from the uploaded labels (one meta read per chunk) and attacked toward
+        tgt = next(a for a in st["result"]["attacks"] if a["method"] == "dhta_targeted")
+        assert tgt["t_map"] > tgt["t_map_clean"], tgt
 
         bad = _upload(stack.url, _archive(tmp_path, imgs, lines, "zip", corrupt=7))
         assert bad.status_code == 201, bad.text

@@ -80,14 +80,15 @@ class Cancelled(Exception):
 # ----------------------------------------------------------------------------- queries
 
 
-def load_queries(ctx: JobContext, spec: dict[str, Any], bundle: Any,
-                 positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """uint8 images, labels and names of the queries at ``positions``."""
+def load_queries(ctx: JobContext, spec: dict[str, Any], bundle: Any, positions: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """uint8 images, labels and names of the queries at ``positions``, and the labels of every
+    query by position (an upload's meta is read once for all of them)."""
     q = spec["queries"]
     if q["source"] == "bundle":
         qs = bundle.queries
         names = [f"query {int(i)}" for i in qs.ids[positions]]
-        return qs.images[positions], qs.labels[positions], names
+        return qs.images[positions], qs.labels[positions], names, qs.labels
     from service.jobs.uploads import upload_files
 
     meta, files = upload_files(ctx.audits, q["upload_id"], positions)
@@ -101,19 +102,8 @@ def load_queries(ctx: JobContext, spec: dict[str, Any], bundle: Any,
         except HashAuditError as exc:
             raise BadImage(f"uploaded image {name!r}: {exc.message}", field="queries") from None
         images.append(px)
-    labels = np.asarray(meta["labels"], np.uint8)[positions]
-    return np.stack(images), labels, [meta["names"][p] for p in positions.tolist()]
-
-
-def all_labels(ctx: JobContext, spec: dict[str, Any], bundle: Any) -> np.ndarray:
-    """Labels of every audited query, in audit order."""
-    pos = query_positions(spec)
-    if spec["queries"]["source"] == "bundle":
-        return bundle.queries.labels[pos]
-    from service.jobs.uploads import upload_meta
-
-    return np.asarray(upload_meta(ctx.audits, spec["queries"]["upload_id"])["labels"],
-                      np.uint8)[pos]
+    every = np.asarray(meta["labels"], np.uint8)
+    return np.stack(images), every[positions], [meta["names"][p] for p in positions.tolist()], every
 
 
 # ----------------------------------------------------------------------------- chunk
@@ -156,9 +146,10 @@ def compute_attack_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], c
     order = query_positions(spec)
     sel = slice(ci * cs, (ci + 1) * cs)
     positions = order[sel]
-    images, labels, _ = load_queries(ctx, spec, bundle, positions)
+    images, labels, _, every = load_queries(ctx, spec, bundle, positions)
+    # Targets are drawn over the whole audit (in its order) so that chunks agree on them.
     targeted = ATTACKS.get(method).targeted
-    target = target_labels(all_labels(ctx, spec, bundle), spec["seed"])[sel] if targeted else None
+    target = target_labels(every[order], spec["seed"])[sel] if targeted else None
     others = []
     for t in spec.get("transfer_to", []):
         other = ctx.models.get(t["model"])
