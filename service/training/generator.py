@@ -195,6 +195,35 @@ def _metric_term(u0: torch.Tensor, u: torch.Tensor, scale: torch.Tensor,
     return F.relu(d_neg + margin - d_adv).mean()
 
 
+def _extra_terms(cfg: GeneratorConfig, hasher: Any, x: torch.Tensor, x_adv: torch.Tensor,
+                 y: torch.Tensor, delta: torch.Tensor, eps: float, p: dict[str, torch.Tensor],
+                 u0: torch.Tensor, scale: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+    """Optional terms of the label-conditioned variants: {history name: (value, weight)}."""
+    out: dict[str, tuple[torch.Tensor, float]] = {}
+    if cfg.diversity > 0:
+        # Against class-universal perturbations: same-label pairs should differ.
+        dn = F.normalize(delta.flatten(1), dim=1)
+        same = ((y @ y.t()) > 0).float()
+        same.fill_diagonal_(0)
+        out["l_div"] = ((dn @ dn.t() * same).sum() / same.sum().clamp(min=1), cfg.diversity)
+    if cfg.attack == "saliency_gan" and cfg.cam_weight > 0:
+        # Grad-CAM difference: move the hasher's attention away from where it was
+        from service.nets.saliency import cam_distance, gradcam
+
+        ref = torch.where(u0 >= 0, 1.0, -1.0)
+        with torch.no_grad():
+            cam_x = gradcam(hasher, x, ref, scale)
+        cam_adv = gradcam(hasher, x_adv, ref, scale, differentiable=True)
+        out["l_cam"] = (-cam_distance(cam_x, cam_adv).mean(), cfg.cam_weight)
+    if cfg.distill > 0:
+        # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
+        xg = x.clone().requires_grad_(True)
+        lt_x = _hash_term(cfg, hasher(xg), p["code"], u0, scale)
+        (grad,) = torch.autograd.grad(lt_x, xg)
+        out["l_distill"] = ((delta / eps + torch.sign(grad)).pow(2).mean(), cfg.distill)
+    return out
+
+
 def random_targets(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One random target class per row among the classes the row does not have."""
     scores = torch.rand(labels.shape, generator=gen).to(labels.device) * (1 - labels)
@@ -291,71 +320,39 @@ def train_generator(
                 l_t = _metric_term(u0, u, scale, cfg.margin)
                 l_q = (x_adv - x).flatten(1).norm(dim=1).mean()
                 l_d = (disc(x_adv) - 1).pow(2).mean()
-                loss = a * l_t + b * l_q + c * l_d
-                opt_g.zero_grad()
-                loss.backward()
-                opt_g.step()
-                with torch.no_grad():
-                    flipped = ((torch.sign(u) != torch.sign(u0)).float().mean()).item()
-                for k_, v_ in (("l_metric", l_t.item()), ("l_recon", l_q.item()),
-                               ("l_gan", l_d.item()), ("d_loss", d_loss.item()),
-                               ("bits_flipped", flipped)):
-                    sums[k_] = sums.get(k_, 0.0) + v_
-                if step % 20 == 0:
-                    bar.set_postfix(l_m=f"{l_t.item():.3f}", flipped=f"{flipped:.2f}")
-                continue
-            real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
-            fake_t = torch.cat([y, torch.zeros_like(y[:, :1])], 1)
-            if c > 0:
-                d_loss = ((disc(x) - real_t).pow(2).sum(1).mean()
-                          + (disc(x_adv.detach()) - fake_t).pow(2).sum(1).mean())
-                opt_d.zero_grad()
-                d_loss.backward()
-                opt_d.step()
+                names = ("l_metric", "l_recon", "l_gan")
             else:
-                d_loss = torch.zeros(())
-            u = hasher(x_adv)
-            l_t = _hash_term(cfg, u, p["code"], u0, scale)
-            l_q = (x_adv - x).pow(2).mean()
-            l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
+                real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
+                fake_t = torch.cat([y, torch.zeros_like(y[:, :1])], 1)
+                if c > 0:
+                    d_loss = ((disc(x) - real_t).pow(2).sum(1).mean()
+                              + (disc(x_adv.detach()) - fake_t).pow(2).sum(1).mean())
+                    opt_d.zero_grad()
+                    d_loss.backward()
+                    opt_d.step()
+                else:
+                    d_loss = torch.zeros(())
+                u = hasher(x_adv)
+                l_t = _hash_term(cfg, u, p["code"], u0, scale)
+                l_q = (x_adv - x).pow(2).mean()
+                l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
+                names = ("l_t", "l_q", "l_d")
             loss = a * l_t + b * l_q + c * l_d
-            if cfg.diversity > 0:
-                # Against class-universal perturbations: same-label pairs should differ.
-                dn = F.normalize(delta.flatten(1), dim=1)
-                same = ((y @ y.t()) > 0).float()
-                same.fill_diagonal_(0)
-                l_div = (dn @ dn.t() * same).sum() / same.sum().clamp(min=1)
-                loss = loss + cfg.diversity * l_div
-                sums["l_div"] = sums.get("l_div", 0.0) + l_div.item()
-            if cfg.attack == "saliency_gan" and cfg.cam_weight > 0:
-                # Grad-CAM difference: move the hasher's attention away from where it was
-                from service.nets.saliency import cam_distance, gradcam
-
-                ref = torch.where(u0 >= 0, 1.0, -1.0)
-                with torch.no_grad():
-                    cam_x = gradcam(hasher, x, ref, scale)
-                cam_adv = gradcam(hasher, x_adv, ref, scale, differentiable=True)
-                l_cam = -cam_distance(cam_x, cam_adv).mean()
-                loss = loss + cfg.cam_weight * l_cam
-                sums["l_cam"] = sums.get("l_cam", 0.0) + l_cam.item()
-            if cfg.distill > 0:
-                # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
-                xg = x.clone().requires_grad_(True)
-                lt_x = _hash_term(cfg, hasher(xg), p["code"], u0, scale)
-                (grad,) = torch.autograd.grad(lt_x, xg)
-                l_dist = (delta / eps + torch.sign(grad)).pow(2).mean()
-                loss = loss + cfg.distill * l_dist
-                sums["l_distill"] = sums.get("l_distill", 0.0) + l_dist.item()
+            if not label_free:
+                for k_, (v_, w_) in _extra_terms(cfg, hasher, x, x_adv, y, delta, eps, p,
+                                                 u0, scale).items():
+                    loss = loss + w_ * v_
+                    sums[k_] = sums.get(k_, 0.0) + v_.item()
             opt_g.zero_grad()
             loss.backward()
             opt_g.step()
             with torch.no_grad():
                 flipped = ((torch.sign(u) != torch.sign(u0)).float().mean()).item()
-            for k_, v_ in (("l_t", l_t.item()), ("l_q", l_q.item()), ("l_d", l_d.item()),
+            for k_, v_ in (*zip(names, (l_t.item(), l_q.item(), l_d.item()), strict=True),
                            ("d_loss", d_loss.item()), ("bits_flipped", flipped)):
                 sums[k_] = sums.get(k_, 0.0) + v_
             if step % 20 == 0:
-                bar.set_postfix(l_t=f"{l_t.item():.3f}", flipped=f"{flipped:.2f}")
+                bar.set_postfix({names[0]: f"{l_t.item():.3f}", "flipped": f"{flipped:.2f}"})
         rec = {k_: v_ / steps for k_, v_ in sums.items()}
         rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
         history.append(rec)
