@@ -9,7 +9,7 @@ PerturbationGenerator is trained on top of the fixed pattern, delta = clip(D_y +
 see whether an image-dependent part adds anything. The shipped generators of the bundle are
 measured on the same queries for comparison. mAP@all after uint8 rounding.
 
-    python benchmarks/generator_universal.py [--eps 8 16] [--residual-epochs 4]
+    python benchmarks/generator_universal.py [--eps 8 16] [--residual-epochs 4] [--name STEM]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=150, help="sign steps per class pattern")
     p.add_argument("--residual-epochs", type=int, default=4, help="0: no residual generator")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--name", default="generator_universal", help="stem of the JSON file")
     args = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -144,7 +145,7 @@ def main() -> int:
     table = print_table(rows, [("eps_255", "eps (x/255)", ".0f"), ("attack", "attack", ""),
                                ("map_all", "mAP@all", ".4f"), ("ms_per_image", "ms/image", ".3f"),
                                ("fit_s", "fit s", ".0f")])
-    write_json("generator_universal", {
+    write_json(args.name, {
         "machine": machine(), "bundle": bundle.name, "num_train": args.num_train,
         "queries": n, "steps_per_class": args.steps, "residual_epochs": args.residual_epochs,
         "rows": rows, "table": table, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
