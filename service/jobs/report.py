@@ -23,61 +23,62 @@ def _fig_png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(result: dict[str, Any]) -> dict[str, str]:
-    """mAP vs eps, top-N precision and PR curves (clean vs attacked) as base64 PNGs."""
+def _axes() -> tuple[Any, Any]:
+    """A new report-sized figure on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(5.5, 3.6))
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str) -> str:
+    """The styling every report plot shares (a 0..1 mAP/precision axis); base64 PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _fig_png(fig)
+
+
+def plots(result: dict[str, Any]) -> dict[str, str]:
+    """mAP vs eps, top-N precision and PR curves (clean vs attacked) as base64 PNGs."""
     out: dict[str, str] = {}
     clean = result["clean"]
     k = result["protocol"]["map_k"]
     methods = result["methods"]
     eps_max = max(result["eps"])
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _axes()
     for m in methods:
         rows = sorted((r for r in result["attacks"] if r["method"] == m), key=lambda r: r["eps"])
         ax.plot([0] + [r["eps"] * 255 for r in rows], [clean["map_k"]] + [r["map_k"] for r in rows],
                 marker="o", label=m)
     ax.axhline(clean["map_k"], color="grey", ls="--", lw=1, label="clean")
-    ax.set_xlabel("eps (grey levels of 255)")
-    ax.set_ylabel(f"mAP@{k}")
-    ax.set_ylim(0, 1)
-    ax.set_title("Retrieval mAP vs perturbation budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out["map_vs_eps"] = _fig_png(fig)
+    out["map_vs_eps"] = _finish(fig, ax, "eps (grey levels of 255)", f"mAP@{k}",
+                                "Retrieval mAP vs perturbation budget")
 
     last = [r for r in result["attacks"] if r["eps"] == eps_max]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _axes()
     ax.plot(clean["top_n"]["n"], clean["top_n"]["precision"], "k--", marker=".", label="clean")
     for r in last:
         ax.plot(r["top_n"]["n"], r["top_n"]["precision"], marker=".", label=r["method"])
     ax.set_xscale("log")
-    ax.set_xlabel("N (top-N retrieved)")
-    ax.set_ylabel("precision@N")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Top-N precision, eps = {eps_max * 255:.0f}/255")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out["top_n"] = _fig_png(fig)
+    out["top_n"] = _finish(fig, ax, "N (top-N retrieved)", "precision@N",
+                           f"Top-N precision, eps = {eps_max * 255:.0f}/255")
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _axes()
     ax.plot(clean["pr_curve"]["recall"], clean["pr_curve"]["precision"], "k--", marker=".",
             label="clean")
     for r in last:
         ax.plot(r["pr_curve"]["recall"], r["pr_curve"]["precision"], marker=".",
                 label=r["method"])
-    ax.set_xlabel("recall (Hamming radius 0..K)")
-    ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"PR curve by Hamming radius, eps = {eps_max * 255:.0f}/255")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out["pr"] = _fig_png(fig)
+    out["pr"] = _finish(fig, ax, "recall (Hamming radius 0..K)", "precision",
+                        f"PR curve by Hamming radius, eps = {eps_max * 255:.0f}/255")
     return out
 
 
@@ -122,13 +123,10 @@ def render_html(status: dict[str, Any]) -> str:
         return head + _backdoor_body(status["id"], r) + _SCRIPT + "</body></html>"
     k = r["protocol"]["map_k"]
     clean = r["clean"]
-    parts = [head, f"<p class='meta'>audit <code>{status['id']}</code> · bundle "
-             f"<code>{html.escape(r['model'])}</code> v{html.escape(str(r['bundle_version']))} "
-             f"sha <code>{r['bundle_sha'][:16]}…</code> · hashaudit {r['package_version']} · "
-             f"seed {r['seed']} · {r['queries']['audited']} queries "
-             f"({html.escape(r['queries']['source'])}) vs {r['gallery_size']} gallery items, "
-             f"{r['bits']} bits · generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-             f"</p>"]
+    parts = [head, _provenance(status["id"], r,
+                               f"{r['queries']['audited']} queries "
+                               f"({html.escape(r['queries']['source'])}) vs {r['gallery_size']} "
+                               f"gallery items, {r['bits']} bits")]
     parts.append("<h2>Figures</h2><table><tr><th class='l'>method</th><th>eps</th>"
                  f"<th>mAP@{k} clean</th><th>mAP@{k} attacked</th><th>drop %</th>"
                  "<th>t-MAP</th><th>t-MAP ceiling (anchor)</th><th>P@r≤2</th>"
@@ -181,47 +179,48 @@ def render_html(status: dict[str, Any]) -> str:
                 f"{_img(ex['perturbation_png'], 'perturbation')}</td>"
                 f"<td>{hits(ex['hits_clean'])}</td><td>{hits(ex['hits_adversarial'])}</td></tr>")
         parts.append("</table>")
-    parts.append("<h2>Protocol</h2><table>" + "".join(
-        f"<tr><th class='l'>{html.escape(str(key))}</th><td class='l'>"
-        f"{html.escape(str(val))}</td></tr>" for key, val in r["protocol"].items()) + "</table>")
+    parts.append(_protocol_table(r["protocol"]))
     parts.append(_SCRIPT + "</body></html>")
     return "".join(parts)
 
 
+def _provenance(audit_id: str, r: dict[str, Any], details: str) -> str:
+    """The report's first line: which audit, bundle and code made it; ``details`` (HTML) in
+    the middle."""
+    return (f"<p class='meta'>audit <code>{audit_id}</code> · bundle "
+            f"<code>{html.escape(r['model'])}</code> v{html.escape(str(r['bundle_version']))} "
+            f"sha <code>{r['bundle_sha'][:16]}…</code> · hashaudit {r['package_version']} · "
+            f"seed {r['seed']} · {details} · generated "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>")
+
+
+def _protocol_table(protocol: dict[str, Any]) -> str:
+    return "<h2>Protocol</h2><table>" + "".join(
+        f"<tr><th class='l'>{html.escape(str(key))}</th><td class='l'>"
+        f"{html.escape(str(val))}</td></tr>" for key, val in protocol.items()) + "</table>"
+
+
 def _backdoor_plot(r: dict[str, Any]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = r["rows"]
     xs = [row["poisons"] for row in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _axes()
     ax.plot(xs, [row["t_map_triggered"] for row in rows], "o-", label="t-MAP, triggered")
     ax.plot(xs, [row["t_map_untriggered"] for row in rows], "s:", label="t-MAP, no trigger")
     ax.plot(xs, [row["clean_map"] for row in rows], "^-", color="grey", label="clean mAP")
     ax.axhline(r["baseline"]["t_map_triggered"], color="k", ls="--", lw=1,
                label="t-MAP triggered, clean model")
-    ax.set_xlabel("poisoned training images")
-    ax.set_ylabel("mAP")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Backdoor toward {r['target_name']!r}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _fig_png(fig)
+    return _finish(fig, ax, "poisoned training images", "mAP",
+                   f"Backdoor toward {r['target_name']!r}")
 
 
 def _backdoor_body(audit_id: str, r: dict[str, Any]) -> str:
     """Trigger, t-MAP vs poisons table and plot, poisoned examples, frozen bundles."""
-    parts = [f"<p class='meta'>audit <code>{audit_id}</code> · bundle "
-             f"<code>{html.escape(r['model'])}</code> v{html.escape(str(r['bundle_version']))} "
-             f"sha <code>{r['bundle_sha'][:16]}…</code> · hashaudit {r['package_version']} · "
-             f"seed {r['seed']} · target <b>{html.escape(r['target_name'])}</b> · trigger "
-             f"{r['patch_side']} px bottom-right · confusing perturbations "
-             f"{r['perturb_eps'] * 255:.0f}/255 · retrained {r['epochs']} epochs on "
-             f"{r['train_images']} images ({r['target_train_images']} of the target class) · "
-             f"{r['queries']} queries · generated "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"]
+    parts = [_provenance(audit_id, r,
+                         f"target <b>{html.escape(r['target_name'])}</b> · trigger "
+                         f"{r['patch_side']} px bottom-right · confusing perturbations "
+                         f"{r['perturb_eps'] * 255:.0f}/255 · retrained {r['epochs']} epochs on "
+                         f"{r['train_images']} images ({r['target_train_images']} of the "
+                         f"target class) · {r['queries']} queries")]
     sur = r["surrogate"]
     parts.append("<h2>Trigger</h2><p class='strip'>"
                  + _img(r["trigger_png"], "trigger") + " on queries: "
@@ -253,9 +252,7 @@ def _backdoor_body(audit_id: str, r: dict[str, Any]) -> str:
                      + " ".join(_img(e["original_png"], "original")
                                 + _img(e["poisoned_png"], "poisoned") for e in r["examples"])
                      + "</p>")
-    parts.append("<h2>Protocol</h2><table>" + "".join(
-        f"<tr><th class='l'>{html.escape(str(key))}</th><td class='l'>"
-        f"{html.escape(str(val))}</td></tr>" for key, val in r["protocol"].items()) + "</table>")
+    parts.append(_protocol_table(r["protocol"]))
     return "".join(parts)
 
 
