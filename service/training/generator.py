@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -111,12 +110,9 @@ class GeneratorConfig:
 
 def _train_images(bundle: Bundle, num: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The bundle's hasher-training images (the train split lies inside the gallery)."""
-    pos = {int(i): k for k, i in enumerate(bundle.gallery.ids)}
-    idx = np.array([pos[int(i)] for i in bundle.splits["train"] if int(i) in pos])
+    idx = bundle.train_positions(num, seed)
     if len(idx) == 0:
         raise ConfigError("the bundle's train split is not in its gallery", field="bundle")
-    if num is not None and num < len(idx):
-        idx = np.sort(np.random.default_rng(seed).choice(idx, num, replace=False))
     x = torch.from_numpy(bundle.gallery.thumbnails[idx])
     inp = bundle.manifest.input
     if tuple(x.shape[1:]) != (inp["channels"], inp["height"], inp["width"]):
