@@ -223,8 +223,9 @@ def cmd_audit(argv: list[str]) -> int:
     b.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
     b.add_argument("--store", type=Path, default=None)
     b.add_argument("--target", required=True, help="target class (index or name)")
-    b.add_argument("--poisons", type=int, nargs="+", default=[10, 20, 40, 80],
-                   help="poisoned training images per model (0, the baseline, is added)")
+    b.add_argument("--poisons", type=int, nargs="+", default=None,
+                   help="poisoned training images per model (0, the baseline, is added; "
+                   "default 10 20 40 80)")
     b.add_argument("--patch", type=int, default=None, help="trigger side in pixels")
     b.add_argument("--num-train", type=int, default=None,
                    help="seeded subset of the bundle's train split (default: all)")

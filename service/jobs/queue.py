@@ -22,7 +22,13 @@ from typing import Any
 from service.config import Settings, get_settings
 from service.jobs import tasks
 from service.jobs.kv import MemoryKV
-from service.jobs.spec import chunk_keys, is_backdoor, n_query_chunks, parse_chunk
+from service.jobs.spec import (
+    TRIGGER_CHUNK,
+    chunk_keys,
+    is_backdoor,
+    n_query_chunks,
+    parse_chunk,
+)
 from service.jobs.store import FINAL, AuditStore
 
 log = logging.getLogger(__name__)
@@ -292,7 +298,7 @@ class AuditQueue:
             st = {"state": "done" if c in done else ("running" if c in info else "queued")}
             if c in info and c not in done:
                 st.update(info[c])
-            if c != "backdoor|trigger":
+            if c != TRIGGER_CHUNK:
                 done_epochs += epochs if c in done else int(info.get(c, {}).get("epoch", 0))
             stages[c.split("|", 1)[1]] = st
         n_models = len(spec["backdoor"]["poisons"])

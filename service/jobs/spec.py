@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from service.attacks import ATTACKS
-from service.errors import AttackInputError, BadInput, HashAuditError, UnknownName
+from service.errors import AttackInputError, BadInput, ConfigError, HashAuditError, UnknownName
 from service.inference import BundleService
 
 MAX_EPS_VALUES = 16
@@ -146,7 +146,9 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
         raise BadInput(f"model: {m.name}'s gallery does not hold its train split",
                        field="model")
     n_target = int(labels[:, target].sum())
-    poisons_in = b.get("poisons", list(BACKDOOR_DEFAULT_POISONS))
+    poisons_in = b.get("poisons")
+    if poisons_in is None:
+        poisons_in = list(BACKDOOR_DEFAULT_POISONS)
     poisons_in = poisons_in if isinstance(poisons_in, list) else [poisons_in]
     if not poisons_in or len(poisons_in) > MAX_POISON_LEVELS:
         raise BadInput(f"backdoor.poisons: 1 to {MAX_POISON_LEVELS} counts",
@@ -190,11 +192,28 @@ def n_query_chunks(spec: dict[str, Any]) -> int:
     return math.ceil(spec["queries"]["count"] / spec["chunk_size"])
 
 
+TRIGGER_CHUNK = "backdoor|trigger"
+
+
+def poison_chunk(poisons: int) -> str:
+    return f"backdoor|p{poisons}"
+
+
+def parse_backdoor_chunk(key: str) -> int | None:
+    """``N`` of ``backdoor|p<N>``, None for the trigger chunk."""
+    if key == TRIGGER_CHUNK:
+        return None
+    stage = key.removeprefix("backdoor|")
+    if stage == key or not stage.startswith("p") or not stage[1:].isdigit():
+        raise ConfigError(f"unknown backdoor chunk {key!r}", field="chunk")
+    return int(stage[1:])
+
+
 def chunk_keys(spec: dict[str, Any]) -> list[str]:
     """``method|eps_index|chunk_index`` for every unit of work (an attack audit), or
     ``backdoor|trigger`` then ``backdoor|p<N>`` per poison count (a backdoor audit)."""
     if is_backdoor(spec):
-        return ["backdoor|trigger"] + [f"backdoor|p{n}" for n in spec["backdoor"]["poisons"]]
+        return [TRIGGER_CHUNK] + [poison_chunk(n) for n in spec["backdoor"]["poisons"]]
     n = n_query_chunks(spec)
     return [f"{m}|{e}|{c}" for m in spec["methods"] for e in range(len(spec["eps"]))
             for c in range(n)]

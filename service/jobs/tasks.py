@@ -26,9 +26,11 @@ from service.errors import BadImage, BundleError, HashAuditError
 from service.evaluation import protocol_record, retrieval_figures
 from service.inference import decode_upload, encode_png, psnr_db, rmse_per_image
 from service.jobs.spec import (
+    TRIGGER_CHUNK,
     chunk_keys,
     is_backdoor,
     parse_chunk,
+    poison_chunk,
     query_positions,
     target_labels,
 )
@@ -348,8 +350,8 @@ def reduce_backdoor(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict
     missing = [k for k in chunk_keys(spec) if k not in chunks]
     if missing:
         raise RuntimeError(f"chunks missing at reduce: {missing[:5]}")
-    trig, tmeta = unpack_arrays(chunks["backdoor|trigger"])
-    parts = {n: unpack_arrays(chunks[f"backdoor|p{n}"]) for n in b["poisons"]}
+    trig, tmeta = unpack_arrays(chunks[TRIGGER_CHUNK])
+    parts = {n: unpack_arrays(chunks[poison_chunk(n)]) for n in b["poisons"]}
     base = parts[0][1]["figures"]
     rows = []
     for n in b["poisons"]:

@@ -156,15 +156,14 @@ def make_trigger(bundle: Bundle, setup: BackdoorSetup) -> torch.Tensor:
     return optimise_trigger(bundle, others, setup.target_onehot, setup.config, setup.side)
 
 
-def poison(bundle: Bundle, setup: BackdoorSetup, trigger: torch.Tensor,
-           poisons: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training set with ``poisons`` target-class images perturbed and triggered
-    (labels unchanged). Returns the images and the poisoned indices."""
+def poison(bundle: Bundle, setup: BackdoorSetup,
+           trigger: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The training set with ``config.poisons`` target-class images perturbed and triggered
+    (labels unchanged; :func:`prepare` checked the count). Returns the images and the
+    poisoned indices."""
     cfg = setup.config
+    poisons = cfg.poisons
     cand = np.flatnonzero(setup.labels[:, cfg.target] == 1)
-    if poisons > len(cand):
-        raise ConfigError(f"poisons: only {len(cand)} training images of the target class",
-                          field="poisons")
     chosen = np.sort(np.random.default_rng(cfg.seed + 1).choice(cand, poisons, replace=False))
     out = setup.images.copy()
     if poisons > 0:
@@ -225,7 +224,7 @@ def run_backdoor(bundle: Bundle, cfg: BackdoorConfig, progress: bool = False,
     setup = prepare(bundle, cfg)
     t0 = time.perf_counter()
     trigger = make_trigger(bundle, setup)
-    poisoned, chosen = poison(bundle, setup, trigger, cfg.poisons)
+    poisoned, chosen = poison(bundle, setup, trigger)
     t_poison = time.perf_counter() - t0
     poisoned_hasher = train_on(bundle, setup, poisoned, progress)
     clean_hasher = (clean_baseline if clean_baseline is not None

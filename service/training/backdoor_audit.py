@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from service.errors import ConfigError
+from service.jobs.spec import TRIGGER_CHUNK, parse_backdoor_chunk
 from service.jobs.store import pack_arrays, unpack_arrays
 from service.jobs.tasks import Cancelled, JobContext, check_bundle
 from service.retrieval.metrics import targeted_map
@@ -64,15 +65,12 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
                   progress: Any = None) -> bytes:
     """Run one backdoor chunk; ``progress`` (CLI) gets a count of finished epochs."""
     bundle = check_bundle(ctx, spec)
-    stage = chunk.split("|", 1)[1]
-    st = ctx.audits
-    if st.stopped(audit_id):
+    poisons = parse_backdoor_chunk(chunk)
+    if ctx.audits.stopped(audit_id):
         raise Cancelled(audit_id)
-    if stage == "trigger":
+    if poisons is None:
         return _trigger_chunk(ctx, audit_id, spec, bundle)
-    if not stage.startswith("p") or not stage[1:].isdigit():
-        raise ConfigError(f"unknown backdoor chunk {chunk!r}", field="chunk")
-    return _poison_chunk(ctx, audit_id, spec, bundle, chunk, int(stage[1:]), progress)
+    return _poison_chunk(ctx, audit_id, spec, bundle, chunk, poisons, progress)
 
 
 def _trigger_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any) -> bytes:
@@ -80,7 +78,7 @@ def _trigger_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle:
     setup = prepare(bundle, config_of(spec, 0))
     if spec["backdoor"]["save_bundles"] and max(spec["backdoor"]["poisons"]) > 0:
         artifact_root(ctx, audit_id)  # fail now, not after the first model has trained
-    ctx.audits.set_progress(audit_id, "backdoor|trigger", {"stage": "optimising trigger"})
+    ctx.audits.set_progress(audit_id, TRIGGER_CHUNK, {"stage": "optimising trigger"})
     trigger = make_trigger(bundle, setup)
     triggered, untriggered, tlab = triggered_queries(bundle, setup, trigger)
     db = bundle.gallery.codes(bundle.manifest.bits)
@@ -100,7 +98,7 @@ def _trigger_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle:
 def _poison_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any,
                   chunk: str, poisons: int, progress: Any) -> bytes:
     st = ctx.audits
-    raw = st.get_chunk(audit_id, "backdoor|trigger")
+    raw = st.get_chunk(audit_id, TRIGGER_CHUNK)
     if raw is None:  # the RQ dependency (or the runner's order) makes this a crash, not data
         raise RuntimeError(f"audit {audit_id}: {chunk} ran before its trigger chunk")
     trig_arrays, _ = unpack_arrays(raw)
@@ -112,7 +110,7 @@ def _poison_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     st.set_progress(audit_id, chunk, {"stage": "poisoning", "poisons": poisons})
-    images, chosen = poison(bundle, setup, trigger, poisons)
+    images, chosen = poison(bundle, setup, trigger)
     timings["poison_s"] = time.perf_counter() - t0
     last_epoch = [0]
 

@@ -19,7 +19,7 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS
 from service.errors import BadInput, UnknownName
 from service.jobs.report import render_html
-from service.jobs.spec import normalize_backdoor_spec, normalize_spec
+from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec, normalize_spec
 from service.jobs.uploads import parse_query_archive, save_upload, upload_meta
 
 router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
@@ -40,8 +40,8 @@ class BackdoorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: int | str = Field(description="target class (index or name)")
     poisons: int | list[int] = Field(
-        [10, 20, 40, 80], description="poisoned training images; one count or several (a "
-        "model is retrained per count; 0, the clean baseline, is always added)")
+        list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images; one count or "
+        "several (a model is retrained per count; 0, the clean baseline, is always added)")
     patch: int | None = Field(None, ge=1, description="trigger side in pixels (default 10% "
                               "of the width, at least 3)")
     num_train: int | None = Field(None, ge=10, description="seeded subset of the bundle's "
