@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -121,6 +122,18 @@ def stop_process(proc, timeout: float = 15) -> None:
 WORKER_ENV = {"HASHAUDIT_REDIS_URL": REDIS_TEST_URL, "HASHAUDIT_WORKER_HEARTBEAT_S": "0.5",
               "HASHAUDIT_WORKER_MAINTENANCE_S": "1", "HASHAUDIT_DEVICE": "cpu",
               "HASHAUDIT_REDIS_PREFIX": "hashaudit-test"}
+
+
+@contextlib.contextmanager
+def audit_stack(store: Path, logs: Path, **env: str):
+    """An API server with Redis audits on ``store``'s ``tiny`` bundle; tests start and kill
+    workers themselves with ``server.worker_env`` (``env`` adds settings)."""
+    full = {**WORKER_ENV, "HASHAUDIT_MODEL_STORE": str(store),
+            "HASHAUDIT_DEFAULT_BUNDLE": "tiny", **env}
+    with ServerProcess(store, logs / "server.log", env=full) as server:
+        server.worker_env = full
+        server.logs = logs
+        yield server
 
 
 def submit(url: str, spec: dict) -> str:

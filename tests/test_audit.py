@@ -21,8 +21,7 @@ from PIL import Image
 
 from helpers import (
     REPO,
-    WORKER_ENV,
-    ServerProcess,
+    audit_stack,
     check_renders_in_chromium,
     start_worker,
     stop_process,
@@ -39,12 +38,7 @@ TIMING = {"seconds", "ms_per_image", "audit_id"}
 @pytest.fixture(scope="module")
 def stack(tiny_store: Path, redis_db, tmp_path_factory: pytest.TempPathFactory):
     """API server with Redis audits; tests start and kill workers themselves."""
-    logs = tmp_path_factory.mktemp("audit_logs")
-    env = {**WORKER_ENV, "HASHAUDIT_MODEL_STORE": str(tiny_store),
-           "HASHAUDIT_DEFAULT_BUNDLE": "tiny"}
-    with ServerProcess(tiny_store, logs / "server.log", env=env) as server:
-        server.worker_env = env
-        server.logs = logs
+    with audit_stack(tiny_store, tmp_path_factory.mktemp("audit_logs")) as server:
         yield server
 
 

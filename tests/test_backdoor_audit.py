@@ -18,8 +18,7 @@ import pytest
 
 from helpers import (
     REPO,
-    WORKER_ENV,
-    ServerProcess,
+    audit_stack,
     check_renders_in_chromium,
     start_worker,
     stop_process,
@@ -33,14 +32,21 @@ BACKDOOR = {"target": "Bag", "poisons": [80], "patch": 8, "epochs": 20}
 
 @pytest.fixture(scope="module")
 def stack(tiny_store: Path, redis_db, tmp_path_factory: pytest.TempPathFactory):
-    logs = tmp_path_factory.mktemp("backdoor_logs")
-    env = {**WORKER_ENV, "HASHAUDIT_MODEL_STORE": str(tiny_store),
-           "HASHAUDIT_DEFAULT_BUNDLE": "tiny",
-           "HASHAUDIT_ARTIFACT_DIR": str(tmp_path_factory.mktemp("artifacts"))}
-    with ServerProcess(tiny_store, logs / "server.log", env=env) as server:
-        server.worker_env = env
-        server.logs = logs
+    artifacts = str(tmp_path_factory.mktemp("artifacts"))
+    with audit_stack(tiny_store, tmp_path_factory.mktemp("backdoor_logs"),
+                     HASHAUDIT_ARTIFACT_DIR=artifacts) as server:
         yield server
+
+
+def _wait_training(url: str, audit_id: str, timeout: float = 120) -> dict:
+    """Poll until some model has trained an epoch; returns that status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{url}/audit/{audit_id}", timeout=30).json()
+        if any(s.get("epoch", 0) >= 1 for s in st["progress"]["stages"].values()):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"backdoor audit {audit_id}: no epoch trained in {timeout} s")
 
 
 def _progress_while_running(url: str, audit_id: str, timeout: float = 300) -> list[dict]:
@@ -64,13 +70,8 @@ def test_backdoor_audit_on_a_worker(stack, tmp_path):
     try:
         long_id = submit(stack.url, {"type": "backdoor", "model": "tiny", "backdoor": {
             **BACKDOOR, "epochs": 400}})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            st = httpx.get(f"{stack.url}/audit/{long_id}").json()
-            stages = st["progress"]["stages"]
-            if any(s.get("epoch", 0) >= 1 for s in stages.values()):
-                break
-            time.sleep(0.2)
+        st = _wait_training(stack.url, long_id)
+        stages = st["progress"]["stages"]
         assert st["type"] == "backdoor" and stages["trigger"]["state"] == "done", st
         assert st["progress"]["total_epochs"] == 800
         r = httpx.delete(f"{stack.url}/audit/{long_id}")
@@ -128,21 +129,15 @@ def test_backdoor_audit_on_a_worker(stack, tmp_path):
 def test_backdoor_chunk_lost_for_good_fails_the_audit(tiny_store, redis_db, tmp_path):
     """With no retries left, a backdoor chunk whose worker was killed fails the audit with a
     message naming the chunk; nothing stays 'running' forever."""
-    env = {**WORKER_ENV, "HASHAUDIT_MODEL_STORE": str(tiny_store),
-           "HASHAUDIT_DEFAULT_BUNDLE": "tiny", "HASHAUDIT_CHUNK_RETRIES": "0",
-           "HASHAUDIT_ARTIFACT_DIR": str(tmp_path / "art")}
-    with ServerProcess(tiny_store, tmp_path / "server.log", env=env) as server:
+    with audit_stack(tiny_store, tmp_path, HASHAUDIT_CHUNK_RETRIES="0",
+                     HASHAUDIT_ARTIFACT_DIR=str(tmp_path / "art")) as server:
+        env = server.worker_env
         a = start_worker(env, tmp_path / "w-a.log", "w-lost-a")
         b = None
         try:
             audit_id = submit(server.url, {"type": "backdoor", "model": "tiny", "backdoor": {
                 **BACKDOOR, "epochs": 400, "trigger_steps": 20}})
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                stages = httpx.get(f"{server.url}/audit/{audit_id}").json()["progress"]["stages"]
-                if any(s.get("epoch", 0) >= 1 for s in stages.values()):
-                    break
-                time.sleep(0.2)
+            _wait_training(server.url, audit_id)
             os.kill(a.pid, signal.SIGKILL)
             a.wait(10)
             b = start_worker(env, tmp_path / "w-b.log", "w-lost-b")
