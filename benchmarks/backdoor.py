@@ -27,7 +27,7 @@ from benchmarks.common import RESULTS, machine, print_table, write_json  # noqa:
 from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.report import _backdoor_plot, render_html  # noqa: E402
-from service.jobs.spec import normalize_backdoor_spec  # noqa: E402
+from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default="fmnist-dpsh-32")
     p.add_argument("--target", default="Bag")
-    p.add_argument("--poisons", type=int, nargs="+", default=[10, 20, 40, 80])
+    p.add_argument("--poisons", type=int, nargs="+", default=list(BACKDOOR_DEFAULT_POISONS))
     p.add_argument("--num-train", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--patch", type=int, default=None)
