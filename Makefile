@@ -40,14 +40,14 @@ tools: /usr/bin/chromium /usr/bin/docker-compose
 
 /usr/bin/chromium:
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq chromium
+	$(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
 /usr/bin/docker-compose:
-	-$(SUDO) apt-get install -y -qq docker-compose
+	-$(SUDO) apt-get install -y -qq --no-install-recommends docker-compose
 
 $(FMNIST):
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+	$(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
 
 lint: install
 	$(VENV)/bin/ruff check service tests benchmarks
