@@ -18,25 +18,28 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from service.errors import BundleError, ChecksumMismatch
 from service.nets import Hasher, build_hasher
 from service.retrieval.codes import pack_bits, unpack_bits
+from service.store.files import (
+    MANIFEST,
+    SUMS,
+    finalize,
+    load_tensors,
+    sha256_file,
+    write_payload,
+)
+from service.store.generators import load_generator, load_prototype, pick_generator
 from service.store.manifest import Manifest
 from service.store.thumbs import decode_atlas, encode_atlas
 
-SUMS = "SHA256SUMS"
-MANIFEST = "manifest.json"
 HASHER_FILE = "hasher.safetensors"
 GALLERY_FILE = "gallery.safetensors"
 SPLITS_FILE = "splits.safetensors"
@@ -119,21 +122,19 @@ class Bundle:
 
     def prototype(self) -> torch.nn.Module | None:
         """The bundle's PrototypeNet (None when no generator was trained yet)."""
-        from service.store.generators import load_prototype
 
         if "prototype" not in self._parts:
-            p = load_prototype(self.path, self.manifest, _load_tensors)
+            p = load_prototype(self.path, self.manifest, load_tensors)
             self._parts["prototype"] = p.to(self.device) if p is not None else None
         return self._parts["prototype"]
 
     def generator_parts(self, attack: str, eps: float) -> dict[str, Any]:
         """Prototype, decoder, generator and trained eps for ``attack`` at ``eps`` (cached)."""
-        from service.store.generators import load_generator, pick_generator
 
         entry = pick_generator(self.manifest, attack, eps)
         key = entry["file"]
         if key not in self._parts:
-            dec, gen = load_generator(self.path, entry, _load_tensors)
+            dec, gen = load_generator(self.path, entry, load_tensors)
             self._parts[key] = (None if dec is None else dec.to(self.device),
                                 gen.to(self.device))
         dec, gen = self._parts[key]
@@ -144,42 +145,8 @@ class Bundle:
                 "entry": entry}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def _np(t: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(t))
-
-
-def write_payload(folder: Path, filename: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors payload file into a bundle folder (call finalize afterwards)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _save_tensors(folder / filename, tensors)
-    (folder / filename).chmod(0o644)
-
-
-def finalize(folder: Path, manifest: Manifest, payload: list[str]) -> Manifest:
-    """Record sha256 and size of ``payload`` files in the manifest; write it and SHA256SUMS."""
-    files = [
-        {"path": p, "sha256": sha256_file(folder / p), "bytes": (folder / p).stat().st_size}
-        for p in sorted(payload)
-    ]
-    manifest = manifest.replace(files=files)
-    (folder / MANIFEST).write_text(manifest.to_json())
-    lines = [f"{sha256_file(folder / p)}  {p}" for p in sorted([*payload, MANIFEST])]
-    (folder / SUMS).write_text("\n".join(lines) + "\n")
-    return manifest
 
 
 def save_bundle(
@@ -245,13 +212,6 @@ def verify_bundle(folder: Path) -> dict[str, str]:
     return recorded
 
 
-def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(folder / name))
-    except (SafetensorError, OSError) as exc:
-        raise BundleError(f"{folder.name}: cannot read {name}: {exc}") from exc
-
-
 def build_bundle_hasher(manifest: Manifest) -> Hasher:
     """Rebuild the hasher architecture recorded in a manifest (random weights)."""
     h, i = manifest.hasher, manifest.input
@@ -274,7 +234,7 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
             )
     hasher = build_bundle_hasher(manifest)
     try:
-        hasher.load_state_dict(_load_tensors(folder, manifest.hasher.get("weights", HASHER_FILE)),
+        hasher.load_state_dict(load_tensors(folder, manifest.hasher.get("weights", HASHER_FILE)),
                                strict=True)
     except RuntimeError as exc:
         raise BundleError(
@@ -282,7 +242,7 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
         ) from exc
     hasher.eval().requires_grad_(False).to(device)
 
-    g = _load_tensors(folder, GALLERY_FILE)
+    g = load_tensors(folder, GALLERY_FILE)
     t = manifest.extra.get("thumbnails")
     if not t:
         raise BundleError(f"{folder.name}: the manifest lacks the thumbnail atlas layout")
@@ -302,10 +262,10 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
                 f"{folder.name}: gallery {key} has shape {tuple(getattr(gallery, key).shape)}, "
                 f"the manifest implies {shape}"
             )
-    q = _load_tensors(folder, QUERIES_FILE)
+    q = load_tensors(folder, QUERIES_FILE)
     queries = QuerySet(*(q[k].numpy() for k in ("images", "labels", "ids")))
     q_shape = (int(i["channels"]), int(i["height"]), int(i["width"]))
     if queries.images.shape[1:] != q_shape or queries.labels.shape[1] != c:
         raise BundleError(f"{folder.name}: query images or labels do not match the manifest")
-    splits = {k: v.numpy() for k, v in _load_tensors(folder, SPLITS_FILE).items()}
+    splits = {k: v.numpy() for k, v in load_tensors(folder, SPLITS_FILE).items()}
     return Bundle(folder, manifest, hasher, gallery, queries, splits, sha256_file(folder / SUMS))

@@ -23,7 +23,7 @@ from torch import nn
 
 from service.errors import AttackInputError, BundleError
 from service.nets import create_net
-from service.store.bundle import MANIFEST, finalize, sha256_file, write_payload
+from service.store.files import MANIFEST, finalize, sha256_file, write_payload
 from service.store.manifest import Manifest
 
 PROTOTYPE_FILE = "prototype.safetensors"
