@@ -20,7 +20,25 @@ from service.attacks.base import Attack, AttackInputError, register_attack
 
 
 class GeneratorAttack(Attack):
-    """Label-conditioned generator attack (no gradient steps at inference)."""
+    """Generator attack: one forward pass of a trained perturbation generator.
+
+    Optimises nothing at inference: the generator was trained against this hasher
+    (``hashaudit train generator``); its tanh output is scaled by the requested eps (within
+    the eps range it was trained over) and projected onto the eps ball.
+
+    Args:
+        hasher: the frozen victim. eps: L-inf budget, at most the generator's trained eps.
+        parts: PrototypeNet, label decoder and generator from the bundle
+            (``attack_for_bundle`` loads them with ``bundle.generator_parts``).
+
+    Shape:
+        x: (B, C, H, W) float in [0, 1]; labels, target: (B, num_classes) multi-hot.
+        Returns (B, C, H, W) float in [0, 1], within ``eps`` of ``x`` (L-inf).
+
+    Example:
+        >>> atk = attack_for_bundle(bundle, "untargeted_gan", eps=8 / 255)
+        >>> x_adv = atk(x, labels)
+    """
 
     needs_labels = True
     iterative = False
@@ -68,22 +86,30 @@ class GeneratorAttack(Attack):
 
 @register_attack("untargeted_gan")
 class UntargetedGAN(GeneratorAttack):
-    """UntargetedGAN trained with the paper's loss (eqs. 3-6)."""
+    """UntargetedGAN (Huang et al.), trained with the paper's loss (eqs. 3-6): the generator,
+    conditioned on the decoded label map of the query's labels, pushes the code away from the
+    label's prototype code. Arguments, shapes and use as :class:`GeneratorAttack`."""
 
 
 @register_attack("untargeted_gan_plus")
 class UntargetedGANPlus(GeneratorAttack):
-    """UntargetedGAN networks trained with the non-saturating hashing term."""
+    """UntargetedGAN networks trained with the non-saturating hashing term (u rescaled by its
+    typical magnitude, only bits not flipped yet counted). Arguments, shapes and use as
+    :class:`GeneratorAttack`."""
 
 
 @register_attack("saliency_gan")
 class SaliencyGAN(GeneratorAttack):
-    """UntargetedGAN+ networks trained with a Grad-CAM difference term (for transfer)."""
+    """UntargetedGAN+ networks trained with an extra Grad-CAM difference term, so that the
+    perturbation moves the hasher's saliency and transfers to unseen hashers. Arguments,
+    shapes and use as :class:`GeneratorAttack`."""
 
 
 @register_attack("uaa_gan")
 class UAAGAN(GeneratorAttack):
-    """UAA-GAN: label-free generator (LSGAN + reconstruction + hard-negative metric loss)."""
+    """UAA-GAN, label-free: the generator sees the image alone (trained with LSGAN +
+    reconstruction + a hard-negative triplet on relaxed codes). ``labels`` are ignored.
+    Arguments and shapes as :class:`GeneratorAttack`; example: ``atk(x)``."""
 
     needs_labels = False
     conditional = False
@@ -91,7 +117,9 @@ class UAAGAN(GeneratorAttack):
 
 @register_attack("targeted_gan")
 class TargetedGAN(GeneratorAttack):
-    """Targeted generator (ProS-GAN style): conditioned on the target label's prototype."""
+    """Targeted generator (ProS-GAN style): conditioned on the decoded map of the *target*
+    label, trained to pull the code toward its prototype code. Arguments and shapes as
+    :class:`GeneratorAttack`; example: ``atk(x, target=target)``."""
 
     needs_labels = False
     targeted = True

@@ -17,7 +17,24 @@ from service.attacks.base import Attack, register_attack, scale_for
 
 @register_attack("hag")
 class HAG(Attack):
-    """Masked tanh-code objective, Adam steps, L-inf projection."""
+    """HAG-style untargeted attack: flip the bits that still agree with the clean code.
+
+    Optimises: minimise sum_k m_k * b_k * tanh(s * u_k(x + delta)) over delta, where
+    b = sign(u(x)), m_k = 1 while bit k still agrees with b, s = 1 / mean|u(x)|; Adam on
+    delta, clipped to the eps ball and to [0, 1] after every step.
+
+    Args:
+        hasher: the frozen victim. eps: L-inf budget in [0, 1] pixel units.
+        steps: Adam steps (default 20). lr: default eps / 4.
+
+    Shape:
+        x: (B, C, H, W) float in [0, 1]; labels, target: (B, num_classes) multi-hot.
+        Returns (B, C, H, W) float in [0, 1], within ``eps`` of ``x`` (L-inf).
+
+    Example:
+        >>> atk = attack_for_bundle(bundle, "hag", eps=8 / 255, steps=20)
+        >>> x_adv = atk(x)
+    """
 
     def __init__(self, hasher: Any, eps: float, steps: int = 20, lr: float | None = None,
                  **kw: Any) -> None:

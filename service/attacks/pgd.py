@@ -71,7 +71,25 @@ class CodePGD(Attack):
 
 @register_attack("pgd")
 class PGDOwnCode(CodePGD):
-    """Untargeted PGD pushing the code away from the query's own clean code."""
+    """Untargeted PGD away from the query's own clean code (no labels needed).
+
+    Optimises: minimise mean_k b_k * tanh(s * u_k(x')) with b = sign(u(x)) the clean code and
+    s = 1 / mean|u(x)|, by ``steps`` sign-gradient steps from a random start in the eps ball.
+
+    Args:
+        hasher: the frozen victim. eps: L-inf budget in [0, 1] pixel units.
+        steps: gradient steps (default 20). step_size: default 2.5 * eps / steps.
+        random_start: start from a uniform point of the eps ball (default True).
+        seed: seeds the random start.
+
+    Shape:
+        x: (B, C, H, W) float in [0, 1]; labels, target: (B, num_classes) multi-hot.
+        Returns (B, C, H, W) float in [0, 1], within ``eps`` of ``x`` (L-inf).
+
+    Example:
+        >>> atk = attack_for_bundle(bundle, "pgd", eps=8 / 255, steps=20)
+        >>> x_adv = atk(x)
+    """
 
     def anchor(self, x, u0, labels, target):
         return torch.where(u0 >= 0, 1.0, -1.0)
@@ -79,7 +97,23 @@ class PGDOwnCode(CodePGD):
 
 @register_attack("pgd_center")
 class PGDCenterCode(CodePGD):
-    """Untargeted PGD pushing the code away from the query label's center code."""
+    """Untargeted PGD away from the query label's center code.
+
+    Optimises: as ``pgd``, with the anchor b = the PrototypeNet code of the query's labels
+    (the majority vote of database codes sharing a label when the bundle has no PrototypeNet).
+
+    Args:
+        hasher, eps, steps, step_size, random_start, seed: as ``pgd``.
+        context: the bundle's database codes and PrototypeNet (``attack_for_bundle`` sets it).
+
+    Shape:
+        x: (B, C, H, W) float in [0, 1]; labels, target: (B, num_classes) multi-hot.
+        Returns (B, C, H, W) float in [0, 1], within ``eps`` of ``x`` (L-inf).
+
+    Example:
+        >>> atk = attack_for_bundle(bundle, "pgd_center", eps=8 / 255)
+        >>> x_adv = atk(x, labels)
+    """
 
     needs_labels = True
     needs_context = True

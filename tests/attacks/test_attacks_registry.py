@@ -153,3 +153,16 @@ def test_unet_skips_option_keeps_shapes_and_budget() -> None:
         d = gen(x, torch.rand(3, 1, 28, 28), 8 / 255)
     assert d.shape == x.shape and d.abs().max() <= 8 / 255 + 1e-7
     assert gen.out.in_channels == 2 * 8 + 1
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_documents_itself_in_one_shape(name):
+    """Each registered attack has its own docstring saying what it optimises (or, for a
+    generator variant, how it was trained), its arguments, shapes and an example."""
+    cls = ATTACKS.get(name)
+    doc = cls.__dict__.get("__doc__") or ""
+    assert len(doc.splitlines()) >= 3, f"{name}: no docstring of its own"
+    if "as :class:`GeneratorAttack`" in " ".join(doc.split()):
+        doc = (ATTACKS.get("untargeted_gan").__mro__[1].__doc__ or "") + doc
+    for section in ("Optimises", "Args:", "Shape:", "Example"):
+        assert section in doc, f"{name}: docstring lacks {section!r}"
