@@ -28,7 +28,7 @@ from service.attacks.runner import attack_batch  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.evaluation import retrieval_figures  # noqa: E402
 from service.store import load_bundle  # noqa: E402
-from service.training.generator import GeneratorConfig, train_generator  # noqa: E402
+from service.training.generator_trainer import GeneratorConfig, train_generator  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

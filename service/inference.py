@@ -22,7 +22,7 @@ from PIL import Image
 
 from service.attacks import ATTACKS
 from service.attacks.factory import bundle_context
-from service.attacks.generator import GeneratorAttack
+from service.attacks.generator_attack import GeneratorAttack
 from service.attacks.runner import attack_batch
 from service.errors import (
     AttackInputError,

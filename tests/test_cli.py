@@ -76,7 +76,7 @@ def test_bad_config_file_is_named(tmp_path: Path, capsys) -> None:
 
 
 def test_shipped_config_parses() -> None:
-    from service.training.bundle import read_config
+    from service.training.bundle_builder import read_config
     from service.training.hasher import HasherConfig
 
     cfg = read_config(REPO / "configs" / "default_bundle.toml")

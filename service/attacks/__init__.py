@@ -4,7 +4,7 @@ Importing this package registers every attack.
 """
 
 from service.attacks import dhta as _dhta  # noqa: F401
-from service.attacks import generator as _generator  # noqa: F401
+from service.attacks import generator_attack as _generator_attack  # noqa: F401
 from service.attacks import hag as _hag  # noqa: F401
 from service.attacks import pgd as _pgd  # noqa: F401
 from service.attacks import tha as _tha  # noqa: F401

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from service.attacks.base import ATTACKS, Attack, AttackContext
-from service.attacks.generator import GeneratorAttack
+from service.attacks.generator_attack import GeneratorAttack
 
 
 def bundle_context(bundle: Any) -> AttackContext:

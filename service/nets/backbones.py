@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from service.errors import ConfigError
-from service.nets.registry import BACKBONES
+from service.nets.catalog import BACKBONES
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.nets.registry import NETS
+from service.nets.catalog import NETS
 
 
 def _norm(kind: str, ch: int) -> nn.Module:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from service.nets.backbones import Backbone
-from service.nets.registry import create_backbone
+from service.nets.catalog import create_backbone
 
 
 def _channel_vector(values: Sequence[float]) -> torch.Tensor:

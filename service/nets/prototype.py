@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.nets.registry import NETS
+from service.nets.catalog import NETS
 
 
 @NETS.register("prototype_net")

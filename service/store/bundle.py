@@ -36,7 +36,7 @@ from service.store.files import (
     sha256_file,
     write_payload,
 )
-from service.store.generators import load_generator, load_prototype, pick_generator
+from service.store.generator_parts import load_generator, load_prototype, pick_generator
 from service.store.manifest import Manifest
 from service.store.thumbs import decode_atlas, encode_atlas
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from service.config import get_settings
 from service.errors import HashAuditError
 from service.parsing import parse_eps
-from service.training.bundle import build_bundle, read_config
-from service.training.generator import GeneratorConfig, train_generator
+from service.training.bundle_builder import build_bundle, read_config
+from service.training.generator_trainer import GeneratorConfig, train_generator
 from service.training.hasher import HasherConfig
 
 log = logging.getLogger(__name__)

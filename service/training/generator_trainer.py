@@ -44,7 +44,7 @@ from service.nets import create_net
 from service.nets.gan import small_shapes
 from service.nets.hasher import encode_uint8
 from service.store.bundle import Bundle, load_bundle
-from service.store.generators import save_generator, save_prototype
+from service.store.generator_parts import save_generator, save_prototype
 from service.training.checkpoint import load_checkpoint, save_checkpoint
 from service.training.losses import _pairwise_nll
 
