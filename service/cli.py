@@ -1,17 +1,8 @@
-"""The ``hashaudit`` command.
+"""The ``hashaudit`` command: one subcommand per task (``hashaudit --help`` lists them).
 
-    hashaudit train hasher|bundle ...   train into a frozen bundle (service.training)
-    hashaudit eval BUNDLE               recompute a bundle's clean figures from its files
-    hashaudit bundles                   list the bundles in the model store
-    hashaudit attack --bundle B --method M --eps E --labels L IMAGES...
-                                        attack images; writes PNGs and a JSON of codes
-    hashaudit serve [--host H] [--port P]
-                                        run the REST API (Swagger UI at /docs)
-    hashaudit worker [--burst]          run audit chunks from Redis ($HASHAUDIT_REDIS_URL)
-    hashaudit audit run --bundle B --methods M... --eps E...
-                                        run an audit here; writes report.json and .html
-    hashaudit audit backdoor --bundle B --target T --poisons N...
-                                        a backdoor audit here (retrains per poison count)
+Every subcommand is a ``cmd_*(argv)`` function over its own argparse parser (``*_parser()``);
+``main(argv)`` dispatches on the first word. Options' help ends with their defaults
+(``service.clihelp.HelpFormatter``).
 """
 
 from __future__ import annotations
@@ -23,10 +14,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service import __version__
+from service.clihelp import HelpFormatter
+from service.clihelp import parser as new_parser
 from service.config import get_settings
 from service.errors import HashAuditError
 
 SCALARS = ("map_all", "map_1000", "p_r2")
+
+SUMMARIES = {
+    "eval": "recompute a bundle's clean retrieval figures and compare them with the record",
+    "bundles": "list the bundles in the model store",
+    "attack": "attack image files with one method; writes the adversarial PNGs and a JSON",
+    "serve": "run the REST API (docs at /docs and /redoc)",
+    "worker": "run audit chunks from the Redis queue ($HASHAUDIT_REDIS_URL)",
+}
+AUDIT_COMMANDS = {
+    "run": "run an attack audit here with a progress bar; writes report.json and .html",
+    "backdoor": "a backdoor audit here: poison, retrain per poison count, t-MAP with the "
+                "trigger",
+}
 
 
 def _open_bundle(ref: str, store: Path | None, device: str):
@@ -38,19 +45,38 @@ def _open_bundle(ref: str, store: Path | None, device: str):
     return ModelStore(store or get_settings().model_store, device).get(ref)
 
 
+def _store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, default=None,
+                   help="model store folder (default: $HASHAUDIT_MODEL_STORE or ./model_store)")
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda or cuda:N (default: $HASHAUDIT_DEVICE or auto)")
+
+
+def _bundle_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default=None,
+                   help="bundle name in the store (default: $HASHAUDIT_DEFAULT_BUNDLE)")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = new_parser("hashaudit eval", SUMMARIES["eval"])
+    p.add_argument("bundle", help="bundle name in the store, or a bundle folder")
+    _store_option(p)
+    _device_option(p)
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the result here as JSON (default: print only)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="allowed |recomputed - recorded|; 0 means exact")
+    return p
+
+
 def cmd_eval(argv: list[str]) -> int:
     from service.device import resolve_device
     from service.evaluation import evaluate_bundle
 
-    p = argparse.ArgumentParser(prog="hashaudit eval",
-                                description="Recompute a bundle's clean retrieval figures.")
-    p.add_argument("bundle", help="bundle name in the store, or a bundle folder")
-    p.add_argument("--store", type=Path, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", type=Path, default=None, help="write the result here")
-    p.add_argument("--tolerance", type=float, default=0.0,
-                   help="allowed |recomputed - recorded| (default 0: exact)")
-    args = p.parse_args(argv)
+    args = eval_parser().parse_args(argv)
     device = str(resolve_device(args.device or get_settings().device))
     bundle = _open_bundle(args.bundle, args.store, device)
     res = evaluate_bundle(bundle, device=device)
@@ -77,12 +103,16 @@ def cmd_eval(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def bundles_parser() -> argparse.ArgumentParser:
+    p = new_parser("hashaudit bundles", SUMMARIES["bundles"])
+    _store_option(p)
+    return p
+
+
 def cmd_bundles(argv: list[str]) -> int:
     from service.store import ModelStore
 
-    p = argparse.ArgumentParser(prog="hashaudit bundles")
-    p.add_argument("--store", type=Path, default=None)
-    args = p.parse_args(argv)
+    args = bundles_parser().parse_args(argv)
     store = ModelStore(args.store or get_settings().model_store)
     for name in store.names():
         print(name)
@@ -95,32 +125,41 @@ def cmd_train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def attack_parser() -> argparse.ArgumentParser:
+    from service.attacks import ATTACKS
+    from service.parsing import parse_eps
+
+    p = new_parser(
+        "hashaudit attack",
+        f"{SUMMARIES['attack']} (attack.json) to --out. Images are converted to the "
+        "bundle's channels and resized (bilinear) to its input size.")
+    p.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
+    _bundle_option(p)
+    _store_option(p)
+    p.add_argument("--method", required=True, help=", ".join(ATTACKS.names()))
+    p.add_argument("--eps", type=parse_eps, default="8/255",
+                   help="L-inf budget: a fraction like 8/255 or a number like 0.0314")
+    p.add_argument("--labels", default=None,
+                   help="query labels for every image: class indices or names, comma "
+                        "separated (default: none, for label-free methods)")
+    p.add_argument("--target", default=None,
+                   help="target label(s) for targeted methods (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random starts")
+    _device_option(p)
+    p.add_argument("--out", type=Path, default=Path("attack_out"), help="output folder")
+    return p
+
+
 def cmd_attack(argv: list[str]) -> int:
     import numpy as np
     from PIL import Image
 
-    from service.attacks import ATTACKS
     from service.attacks.runner import attack_batch
     from service.data.base import decode_image
     from service.device import resolve_device
-    from service.parsing import label_vector, parse_eps
+    from service.parsing import label_vector
 
-    p = argparse.ArgumentParser(
-        prog="hashaudit attack",
-        description="Attack images with a registered method. Images are converted to the "
-                    "bundle's channels and resized (bilinear) to its input size.")
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
-    p.add_argument("--store", type=Path, default=None)
-    p.add_argument("--method", required=True, help=", ".join(ATTACKS.names()))
-    p.add_argument("--eps", type=parse_eps, default=8 / 255, help="e.g. 8/255 (default)")
-    p.add_argument("--labels", default=None,
-                   help="query labels for every image: class indices or names, comma separated")
-    p.add_argument("--target", default=None, help="target label(s) for targeted methods")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=Path("attack_out"))
-    args = p.parse_args(argv)
+    args = attack_parser().parse_args(argv)
     device = str(resolve_device(args.device or get_settings().device))
     bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device)
     m = bundle.manifest
@@ -150,99 +189,132 @@ def cmd_attack(argv: list[str]) -> int:
     return 0
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    settings = get_settings()
+    p = new_parser(
+        "hashaudit serve",
+        "Serve the bundles of the model store over HTTP. Swagger UI at /docs and ReDoc at "
+        "/redoc work without internet access. Every HASHAUDIT_* setting applies (see "
+        "README).")
+    p.add_argument("--host", default=settings.host,
+                   help="address to listen on ($HASHAUDIT_HOST)")
+    p.add_argument("--port", type=int, default=settings.port,
+                   help="port to listen on ($HASHAUDIT_PORT)")
+    p.add_argument("--log-level", default="info",
+                   help="uvicorn log level: critical, error, warning, info, debug or trace")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log every request (saves CPU under heavy load)")
+    return p
+
+
 def cmd_serve(argv: list[str]) -> int:
     """Run the REST API with uvicorn (one process; the micro-batcher needs one model copy)."""
     import uvicorn
 
     settings = get_settings()
-    p = argparse.ArgumentParser(
-        prog="hashaudit serve",
-        description="Serve the bundles of the model store over HTTP (Swagger UI at /docs). "
-                    "Every HASHAUDIT_* setting applies (see README).")
-    p.add_argument("--host", default=settings.host, help="default: $HASHAUDIT_HOST or 127.0.0.1")
-    p.add_argument("--port", type=int, default=settings.port,
-                   help="default: $HASHAUDIT_PORT or 8000")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--no-access-log", action="store_true",
-                   help="do not log every request (saves CPU under heavy load)")
-    args = p.parse_args(argv)
+    args = serve_parser().parse_args(argv)
     from service.api import create_app
 
     app = create_app(settings)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"HashAudit {app.version}: serving {settings.model_store} "
           f"(default bundle {settings.default_bundle})\n"
-          f"  Swagger UI: http://{shown}:{args.port}/docs\n"
+          f"  Swagger UI: http://{shown}:{args.port}/docs (ReDoc: /redoc)\n"
           f"  ready when: http://{shown}:{args.port}/health/ready answers 200", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=not args.no_access_log, timeout_graceful_shutdown=10)
     return 0
 
 
-def cmd_worker(argv: list[str]) -> int:
-    """Run audit chunks from Redis (RQ), with every bundle loaded first."""
-    p = argparse.ArgumentParser(
-        prog="hashaudit worker",
-        description="Work the audit queue in Redis ($HASHAUDIT_REDIS_URL). Loads every "
-                    "bundle of the store first; run one worker per GPU.")
+def worker_parser() -> argparse.ArgumentParser:
+    p = new_parser(
+        "hashaudit worker",
+        "Work the audit queue in Redis ($HASHAUDIT_REDIS_URL). Loads every bundle of the "
+        "store first; run one worker per GPU.")
     p.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     p.add_argument("--name", default=None, help="worker name (default: host + pid)")
-    args = p.parse_args(argv)
+    return p
+
+
+def cmd_worker(argv: list[str]) -> int:
+    """Run audit chunks from Redis (RQ), with every bundle loaded first."""
+    args = worker_parser().parse_args(argv)
     from service.jobs.worker import run_worker
 
     run_worker(get_settings(), burst=args.burst, name=args.name)
     return 0
 
 
-def cmd_audit(argv: list[str]) -> int:
-    """``hashaudit audit run``: an audit in this process, with the workers' task code."""
-    from service.parsing import eps_value
+def audit_parser() -> argparse.ArgumentParser:
+    """``audit run`` and ``audit backdoor``: defaults as ``POST /audit`` (service.jobs.spec)."""
+    from service.jobs.spec import (
+        BACKDOOR_DEFAULT_POISONS,
+        BACKDOOR_DEFAULT_TRIGGER_STEPS,
+        DEFAULT_CHUNK,
+    )
 
-    p = argparse.ArgumentParser(
-        prog="hashaudit audit",
-        description="Run a robustness audit locally and write report.json and report.html.")
-    sub = p.add_subparsers(dest="action", required=True)
-    r = sub.add_parser("run", help="run an audit here with a progress bar")
-    r.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
-    r.add_argument("--store", type=Path, default=None)
-    r.add_argument("--methods", nargs="+", required=True)
+    p = new_parser("hashaudit audit", "Run a robustness audit in this process (the workers' "
+                   "task code) and write report.json and report.html.")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+
+    def add(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=AUDIT_COMMANDS[name], description=AUDIT_COMMANDS[name],
+                              formatter_class=HelpFormatter, prog=f"hashaudit audit {name}")
+
+    r = add("run")
+    _bundle_option(r)
+    _store_option(r)
+    r.add_argument("--methods", nargs="+", default=None,
+                   help="attack methods (default: the bundle's default method, as POST /audit)")
     r.add_argument("--eps", nargs="+", default=["8/255"], help="one or more, e.g. 8/255 16/255")
-    r.add_argument("--count", type=int, default=None, help="seeded sample of the query split")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--count", type=int, default=None,
+                   help="audit a seeded sample of this many queries (default: the whole "
+                        "query split)")
+    r.add_argument("--seed", type=int, default=0, help="sample and attack seed")
     r.add_argument("--top-k", type=int, default=None, help="mAP@K (default: whole gallery)")
-    r.add_argument("--chunk-size", type=int, default=250)
-    r.add_argument("--batch-size", type=int, default=None)
+    r.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="queries per chunk")
+    r.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: chunk size, at most 100)")
     r.add_argument("--transfer-to", nargs="+", default=[],
                    help="other bundles to evaluate the adversarial queries on (transfer)")
-    r.add_argument("--device", default=None)
-    r.add_argument("--out", type=Path, default=Path("audit_out"))
-    r.add_argument("--no-progress", action="store_true")
-    b = sub.add_parser("backdoor", help="a backdoor audit here: poison, retrain per poison "
-                       "count, t-MAP with the trigger (the task code of POST /audit "
-                       "type backdoor)")
-    b.add_argument("--bundle", default=None, help="default: $HASHAUDIT_DEFAULT_BUNDLE")
-    b.add_argument("--store", type=Path, default=None)
+    _device_option(r)
+    r.add_argument("--out", type=Path, default=Path("audit_out"),
+                   help="folder for report.json and report.html")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = add("backdoor")
+    _bundle_option(b)
+    _store_option(b)
     b.add_argument("--target", required=True, help="target class (index or name)")
-    b.add_argument("--poisons", type=int, nargs="+", default=None,
-                   help="poisoned training images per model (0, the baseline, is added; "
-                   "default 10 20 40 80)")
-    b.add_argument("--patch", type=int, default=None, help="trigger side in pixels")
+    b.add_argument("--poisons", type=int, nargs="+", default=list(BACKDOOR_DEFAULT_POISONS),
+                   help="poisoned training images per model (0, the baseline, is added)")
+    b.add_argument("--patch", type=int, default=None,
+                   help="trigger side in pixels (default: 10%% of the width, at least 3)")
     b.add_argument("--num-train", type=int, default=None,
                    help="seeded subset of the bundle's train split (default: all)")
     b.add_argument("--epochs", type=int, default=None, help="default: the bundle's recipe")
-    b.add_argument("--perturb-eps", default="8/255")
-    b.add_argument("--trigger-steps", type=int, default=None)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--perturb-eps", default="8/255",
+                   help="eps of the perturbation added to the poisoned images")
+    b.add_argument("--trigger-steps", type=int, default=BACKDOOR_DEFAULT_TRIGGER_STEPS,
+                   help="optimisation steps of the trigger")
+    b.add_argument("--seed", type=int, default=0, help="poisoning and training seed")
     b.add_argument("--no-save", action="store_true", help="do not freeze poisoned bundles")
     b.add_argument("--artifacts", type=Path, default=None,
                    help="where poisoned bundles go (default: $HASHAUDIT_ARTIFACT_DIR)")
-    b.add_argument("--device", default=None)
-    b.add_argument("--out", type=Path, default=Path("backdoor_out"))
-    b.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    _device_option(b)
+    b.add_argument("--out", type=Path, default=Path("backdoor_out"),
+                   help="folder for report.json and report.html")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_audit(argv: list[str]) -> int:
+    """``hashaudit audit run|backdoor``: an audit in this process, with the workers' task code."""
+    from service.parsing import eps_value
+
+    args = audit_parser().parse_args(argv)
     if args.action == "backdoor":
         return _audit_backdoor(args)
-
 
     from service.device import resolve_device
     from service.inference import BundleService
@@ -336,18 +408,57 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attac
             "serve": cmd_serve, "worker": cmd_worker, "audit": cmd_audit}
 
 
+def command_lines() -> list[tuple[str, str]]:
+    """(``train hasher``, its one-line summary), ... for every command, in ``COMMANDS`` order;
+    ``train`` and ``audit`` list their subcommands."""
+    from service.training.commands import TRAIN_COMMANDS
+
+    nested = {"train": TRAIN_COMMANDS, "audit": AUDIT_COMMANDS}
+    out = []
+    for name in COMMANDS:
+        if name in nested:
+            out += [(f"{name} {sub}", line) for sub, line in nested[name].items()]
+        else:
+            out.append((name, SUMMARIES[name]))
+    return out
+
+
+def main_parser() -> argparse.ArgumentParser:
+    lines = command_lines()
+    width = max(len(name) for name, _ in lines) + 2
+    table = "\n".join(f"  {name:<{width}}{line}" for name, line in lines)
+    p = argparse.ArgumentParser(
+        prog="hashaudit", usage="%(prog)s [-h] [--version] COMMAND [ARGS...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Robustness audits for deep-hashing image retrieval: train hashers into "
+                    "frozen bundles,\nattack them, audit them, serve them over HTTP.\n\n"
+                    f"commands:\n{table}",
+        epilog="`hashaudit COMMAND --help` shows a command's options and their defaults.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for a usage error, as argparse)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
+        if not argv:
+            main_parser().print_help()
+            return 0
+        if argv[0].startswith("-"):
+            main_parser().parse_args(argv)  # --help and --version exit; anything else errs
+            return 2
+        if argv[0] not in COMMANDS:
+            main_parser().error(f"unknown command {argv[0]!r}; valid commands: "
+                                f"{', '.join(COMMANDS)}")
         return COMMANDS[argv[0]](argv[1:])
     except HashAuditError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO, TINY_ARGS, needs_fmnist
-from service.cli import main
+from service.cli import COMMANDS, main
 from service.store import load_bundle
 
 
@@ -83,7 +87,108 @@ def test_shipped_config_parses() -> None:
     HasherConfig.from_dict(cfg["hasher"])
 
 
+# ----------------------------------------------------------------------------- help, usage
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subparsers of ``parser`` by name (empty when it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def leaf_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every parser a user reaches: ``eval``, ..., ``train hasher``, ``audit run``, ..."""
+    from service import cli
+    from service.training.cli import build_parser
+
+    tops = {"train": build_parser(), "eval": cli.eval_parser(), "bundles": cli.bundles_parser(),
+            "attack": cli.attack_parser(), "serve": cli.serve_parser(),
+            "worker": cli.worker_parser(), "audit": cli.audit_parser()}
+    assert set(tops) == set(COMMANDS)
+    out = {}
+    for name, parser in tops.items():
+        subs = subcommands(parser)
+        out.update({f"{name} {sub}": p for sub, p in subs.items()} if subs else {name: parser})
+    return out
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
 @pytest.mark.parametrize("argv", [["--help"], []])
-def test_help(argv, capsys) -> None:
+def test_help_lists_every_command_on_one_line(argv, capsys) -> None:
     assert main(argv) == 0
-    assert "hashaudit train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hashaudit [-h] [--version] COMMAND [ARGS...]")
+    table = {m.group(1): m.group(2) for m in
+             re.finditer(r"^  ([a-z]+(?: [a-z]+)?) {2,}(\S.*)$", out, flags=re.M)}
+    assert set(table) == set(leaf_parsers()), sorted(table)
+    assert "train generator" in table and "train backdoor" in table and "audit run" in table
+
+
+def test_version_prints_the_package_version() -> None:
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"hashaudit {version}", r
+
+
+def test_unknown_command_names_it_and_lists_the_valid_ones() -> None:
+    r = run_cli("atack", "x.png")
+    assert r.returncode == 2
+    assert "unknown command 'atack'" in r.stderr
+    assert all(name in r.stderr for name in COMMANDS), r.stderr
+    r = run_cli("train", "hashr")
+    assert r.returncode == 2 and "invalid choice: 'hashr'" in r.stderr
+    assert all(name in r.stderr for name in ("hasher", "bundle", "generator", "backdoor"))
+
+
+def option_blocks(help_text: str) -> dict[str, str]:
+    """{'--eps': its help text, ...} from argparse's options section."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        m = re.match(r"^  (-[^ ].*?)(?: {2,}(.*))?$", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = m.group(2) or ""
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return {inv.split(",")[-1].split()[0]: text for inv, text in blocks.items()}
+
+
+def test_every_option_has_help_with_its_default() -> None:
+    for name, parser in leaf_parsers().items():
+        blocks = option_blocks(parser.format_help())
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            opt = action.option_strings[-1]
+            text = blocks.get(opt, "")
+            assert action.help, f"hashaudit {name} {opt}: no help"
+            if action.nargs == 0:  # a flag: off unless given
+                continue
+            assert ("(required)" in text if action.required else "default" in text.lower()), \
+                f"hashaudit {name} {opt}: help does not give its default: {text!r}"
+
+
+def test_audit_run_defaults_to_the_api_method(tiny_store: Path, tiny_bundle,
+                                              tmp_path: Path) -> None:
+    """Without --methods, `audit run` audits what POST /audit would: the bundle's default."""
+    from service.inference import BundleService
+    from service.jobs.spec import normalize_spec
+
+    api_default = normalize_spec(BundleService(tiny_bundle), {"queries": {"count": 4}},
+                                 max_queries=10)["methods"]
+    out = tmp_path / "audit"
+    assert main(["audit", "run", "--store", str(tiny_store), "--bundle", "tiny", "--count", "4",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [a["method"] for a in report["attacks"]] == api_default == ["untargeted_gan"]

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api.batching import MicroBatcher
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import Metrics, MetricsMiddleware
@@ -32,11 +33,15 @@ HashAudit serves frozen deep-hashing bundles and attacks them.
   the model's input size), clean and adversarial codes, Hamming distances and the top-k
   gallery hits before and after.
 * **POST /encode**: code and top-k hits of an image, no attack.
+* **POST /audit**: a batch robustness audit as a job: every query of a bundle's split (or a
+  seeded sample, or an uploaded archive) under several methods and eps, or a backdoor audit.
+  Follow it at **GET /audit/{id}**; **GET /audit/{id}/report** is the HTML report.
 * **GET /models**: bundles, classes, bits, attacks and their eps, evaluation figures.
 
 Errors are JSON `{"error": {"code", "message", "field"}}`. When the server runs with
 `HASHAUDIT_API_KEYS`, send `Authorization: Bearer <key>` or `X-API-Key: <key>` (the
-**Authorize** button here) to every endpoint except `/health/*`.
+**Authorize** button here) to every endpoint except `/health/*` and these pages.
+This page and the same reference at `/redoc` need no internet access.
 """
 
 
@@ -140,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="HashAudit", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # docs.install_docs serves them without a CDN
         openapi_tags=[
             {"name": "attack", "description": "Attack or encode one image"},
             {"name": "audit", "description": "Batch robustness audits (jobs) and reports"},
@@ -156,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    install_docs(app, with_api_keys=bool(settings.api_key_list))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_reject=metrics.error,
                        overrides={"/audit/uploads": settings.max_archive_bytes})

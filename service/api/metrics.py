@@ -13,6 +13,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from starlette.routing import Mount, Route
 
 disable_created_metrics()  # no *_created series: they double the output and nobody graphs them
 
@@ -79,7 +80,26 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = route_label(scope)
             self.metrics.requests.labels(scope.get("method", ""), path, str(status["code"])).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+def route_label(scope: dict) -> str:
+    """The route template that served the request, or ``unmatched``.
+
+    FastAPI records its own routes in ``scope["route"]``; plain Starlette routes (the
+    ``/openapi.json`` route) and mounts (``/static``) leave only ``scope["endpoint"]``, which
+    is looked up among the app's routes. A mount counts as one label, ``<mount>/{path}``, so
+    the label set stays the app's route table plus ``unmatched``."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    endpoint = scope.get("endpoint")
+    if endpoint is not None:
+        for route in getattr(scope.get("app"), "routes", ()):
+            if isinstance(route, Mount) and route.app is endpoint:
+                return route.path + "/{path}"
+            if isinstance(route, Route) and route.endpoint is endpoint:
+                return route.path
+    return "unmatched"

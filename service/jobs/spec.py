@@ -103,6 +103,7 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
 
 
 BACKDOOR_DEFAULT_POISONS = (10, 20, 40, 80)
+BACKDOOR_DEFAULT_TRIGGER_STEPS = 300
 MAX_POISON_LEVELS = 8
 
 
@@ -179,7 +180,8 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
                      "target_train_images": n_target,
                      "epochs": epochs if epochs is not None else int(recipe.get("epochs", 0)),
                      "perturb_eps": perturb_eps,
-                     "trigger_steps": steps if steps is not None else 300,
+                     "trigger_steps": (steps if steps is not None
+                                       else BACKDOOR_DEFAULT_TRIGGER_STEPS),
                      "save_bundles": save},
     }
 

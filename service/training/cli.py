@@ -1,10 +1,4 @@
-"""``hashaudit train ...``: train hashers into frozen bundles.
-
-Subcommands:
-    hasher     train a hasher from command-line options and freeze it into a bundle
-    bundle     build a bundle from a TOML config file (see configs/default_bundle.toml)
-    generator  train an attack generator (and the bundle's PrototypeNet) into a bundle
-"""
+"""``hashaudit train ...``: train hashers into frozen bundles (subcommands: ``commands.py``)."""
 
 from __future__ import annotations
 
@@ -13,10 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+from service.clihelp import HelpFormatter
+from service.clihelp import parser as new_parser
 from service.config import get_settings
 from service.errors import HashAuditError
 from service.parsing import parse_eps
 from service.training.bundle_builder import build_bundle, read_config
+from service.training.commands import TRAIN_COMMANDS
 from service.training.generator_trainer import GeneratorConfig, train_generator
 from service.training.hasher import HasherConfig
 
@@ -26,84 +23,108 @@ log = logging.getLogger(__name__)
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", type=Path, default=None,
                    help="model store folder (default: $HASHAUDIT_MODEL_STORE or ./model_store)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda or cuda:N (default: $HASHAUDIT_DEVICE or auto)")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
-                   help="save a checkpoint every epoch here and resume from it if present")
+                   help="save a checkpoint every epoch here and resume from it if present "
+                        "(default: no checkpoints)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hashaudit train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = new_parser("hashaudit train", "Train hashers, generators and poisoned models "
+                        "into frozen bundles.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                                title="commands")
 
-    b = sub.add_parser("bundle", help="build a bundle from a TOML config")
-    b.add_argument("--config", type=Path, required=True)
-    b.add_argument("--name", default=None, help="override the bundle name")
-    b.add_argument("--epochs", type=int, default=None, help="override hasher epochs")
-    _common(b)
+    def add(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=TRAIN_COMMANDS[name], description=TRAIN_COMMANDS[name],
+                              formatter_class=HelpFormatter, prog=f"hashaudit train {name}")
 
-    h = sub.add_parser("hasher", help="train a hasher from options into a bundle")
+    h = add("hasher")
     h.add_argument("--name", required=True, help="bundle name to write")
     h.add_argument("--data-kind", default="fashion_mnist",
                    help="fashion_mnist, fashion_mnist_mosaic, deephash_list or image_folder")
     h.add_argument("--data-option", action="append", default=[], metavar="KEY=JSON",
                    help="extra [data] option, e.g. root=\"/data/fmnist\" (repeatable)")
-    h.add_argument("--num-query", type=int, default=1000)
-    h.add_argument("--num-database", type=int, default=10000)
-    h.add_argument("--num-train", type=int, default=5000)
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--num-query", type=int, default=1000, help="query split size")
+    h.add_argument("--num-database", type=int, default=10000,
+                   help="database (gallery) split size")
+    h.add_argument("--num-train", type=int, default=5000, help="training split size")
+    h.add_argument("--seed", type=int, default=0, help="split and training seed")
     defaults = HasherConfig()
-    h.add_argument("--arch", default=defaults.arch)
-    h.add_argument("--arch-kwargs", type=json.loads, default={}, help="JSON object")
-    h.add_argument("--bits", type=int, default=defaults.bits)
+    h.add_argument("--arch", default=defaults.arch,
+                   help="small_cnn, resnet18, resnet50 or vgg11")
+    h.add_argument("--arch-kwargs", type=json.loads, default={},
+                   help="JSON object of backbone options, e.g. '{\"width\": 32}'")
+    h.add_argument("--bits", type=int, default=defaults.bits, help="code length")
     h.add_argument("--loss", default=defaults.loss, help="dpsh or hashnet")
-    h.add_argument("--loss-kwargs", type=json.loads, default={}, help="JSON object")
-    h.add_argument("--cls-weight", type=float, default=defaults.cls_weight)
-    h.add_argument("--epochs", type=int, default=defaults.epochs)
-    h.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    h.add_argument("--lr", type=float, default=defaults.lr)
-    h.add_argument("--no-augment", action="store_true")
+    h.add_argument("--loss-kwargs", type=json.loads, default={},
+                   help="JSON object of loss options")
+    h.add_argument("--cls-weight", type=float, default=defaults.cls_weight,
+                   help="weight of the classification head's loss")
+    h.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
+    h.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size")
+    h.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    h.add_argument("--no-augment", action="store_true",
+                   help="no random shifts and flips while training")
     _common(h)
 
-    bd = sub.add_parser("backdoor", help="clean-label backdoor audit: poison, retrain, "
-                                         "measure t-MAP with the trigger")
-    bd.add_argument("--bundle", required=True, help="source bundle (surrogate and recipe)")
-    bd.add_argument("--target", required=True, help="target class (index or name)")
-    bd.add_argument("--poisons", type=int, default=40)
-    bd.add_argument("--patch", type=int, default=None, help="trigger side in pixels "
-                    "(default 10%% of the width, at least 3)")
-    bd.add_argument("--num-train", type=int, default=None,
-                    help="subset of the bundle's train split (default: all)")
-    bd.add_argument("--epochs", type=int, default=None, help="default: the bundle's recipe")
-    bd.add_argument("--name", default=None, help="also write the poisoned bundle under this name")
-    bd.add_argument("--out", type=Path, default=Path("backdoor.json"))
-    bd.add_argument("--seed", type=int, default=0)
-    _common(bd)
+    b = add("bundle")
+    b.add_argument("--config", type=Path, required=True, help="TOML config file")
+    b.add_argument("--name", default=None,
+                   help="override the bundle name (default: the config's name)")
+    b.add_argument("--epochs", type=int, default=None,
+                   help="override hasher epochs (default: the config's)")
+    _common(b)
 
-    g = sub.add_parser("generator", help="train an attack generator into a bundle")
+    g = add("generator")
     g.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
     g.add_argument("--attack", default="untargeted_gan_plus",
                    help="untargeted_gan (paper loss), untargeted_gan_plus, uaa_gan "
                         "(label-free UAA-GAN), targeted_gan (ProS-GAN style) or saliency_gan "
                         "(Grad-CAM difference term, for transfer)")
     g.add_argument("--eps", type=parse_eps, default=None,
-                   help="train for this one eps (e.g. 8/255); default: the range below")
-    g.add_argument("--eps-min", type=parse_eps, default=GeneratorConfig.eps_min)
-    g.add_argument("--eps-max", type=parse_eps, default=GeneratorConfig.eps_max)
-    g.add_argument("--epochs", type=int, default=GeneratorConfig.epochs)
-    g.add_argument("--batch-size", type=int, default=GeneratorConfig.batch_size)
-    g.add_argument("--lr", type=float, default=GeneratorConfig.lr)
-    g.add_argument("--width", type=int, default=GeneratorConfig.width)
-    g.add_argument("--num-train", type=int, default=GeneratorConfig.num_train)
+                   help="train for this one eps, e.g. 8/255 (default: the range of "
+                        "--eps-min..--eps-max)")
+    g.add_argument("--eps-min", type=parse_eps, default=GeneratorConfig.eps_min,
+                   help="smallest eps drawn while training")
+    g.add_argument("--eps-max", type=parse_eps, default=GeneratorConfig.eps_max,
+                   help="largest eps drawn while training")
+    g.add_argument("--epochs", type=int, default=GeneratorConfig.epochs, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=GeneratorConfig.batch_size,
+                   help="batch size")
+    g.add_argument("--lr", type=float, default=GeneratorConfig.lr,
+                   help="Adam learning rate (generator and discriminator)")
+    g.add_argument("--width", type=int, default=GeneratorConfig.width,
+                   help="generator channel width")
+    g.add_argument("--num-train", type=int, default=GeneratorConfig.num_train,
+                   help="training images drawn from the bundle's train split")
     g.add_argument("--weights", type=float, nargs=3, metavar=("A", "B", "C"), default=None,
-                   help="loss weights a (hashing/metric), b (L2), c (discriminator)")
+                   help="loss weights a (hashing/metric), b (L2), c (discriminator) "
+                        "(default: the attack's own)")
     g.add_argument("--cam-weight", type=float, default=GeneratorConfig.cam_weight,
                    help="saliency_gan: weight of the Grad-CAM difference term")
     g.add_argument("--margin", type=float, default=GeneratorConfig.margin,
                    help="uaa_gan: triplet margin on relaxed-code distance (0..4)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="training seed")
     _common(g)
+
+    bd = add("backdoor")
+    bd.add_argument("--bundle", required=True, help="source bundle (surrogate and recipe)")
+    bd.add_argument("--target", required=True, help="target class (index or name)")
+    bd.add_argument("--poisons", type=int, default=40, help="poisoned training images")
+    bd.add_argument("--patch", type=int, default=None, help="trigger side in pixels "
+                    "(default: 10%% of the width, at least 3)")
+    bd.add_argument("--num-train", type=int, default=None,
+                    help="subset of the bundle's train split (default: all)")
+    bd.add_argument("--epochs", type=int, default=None, help="default: the bundle's recipe")
+    bd.add_argument("--name", default=None,
+                    help="also write the poisoned bundle under this name (default: not saved)")
+    bd.add_argument("--out", type=Path, default=Path("backdoor.json"),
+                    help="where the result JSON goes")
+    bd.add_argument("--seed", type=int, default=0, help="poisoning and training seed")
+    _common(bd)
     return parser
 
 
