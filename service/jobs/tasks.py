@@ -24,7 +24,13 @@ from service.attacks import ATTACKS
 from service.attacks.runner import attack_batch
 from service.errors import BadImage, BundleError, HashAuditError
 from service.evaluation import protocol_record, retrieval_figures
-from service.inference import decode_upload, encode_png, psnr_db, rmse_per_image
+from service.inference import (
+    decode_upload,
+    encode_png,
+    psnr_db,
+    rmse_per_image,
+    stretch_perturbation,
+)
 from service.jobs.spec import (
     TRIGGER_CHUNK,
     chunk_keys,
@@ -441,9 +447,8 @@ def _examples(bundle: Any, method: str, eps: float, arr: dict[str, np.ndarray],
     names = bundle.manifest.class_names
     out = []
     for i in range(n):
-        diff = adv_x[i].astype(np.int16) - clean_x[i].astype(np.int16)
-        span = max(1, int(np.abs(diff).max()))
-        pert = np.clip(127.5 + 127.5 * diff / span, 0, 255).astype(np.uint8)
+        pert, _ = stretch_perturbation(clean_x[i], adv_x[i])
+        span = int(np.abs(adv_x[i].astype(np.int16) - clean_x[i].astype(np.int16)).max())
         lab = arr["labels"][i]
 
         def hits(row: int, lab: np.ndarray = lab) -> list[dict[str, Any]]:
