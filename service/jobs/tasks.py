@@ -294,6 +294,7 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
         merged.update({k: v for k, v in parts[0][0].items() if k.startswith("example")})
         return merged, [p[1] for p in parts]
 
+    recorded = bundle.manifest.evaluation.get("figures", {})  # on the full query split
     first, _ = gather(spec["methods"][0], 0)
     q_labels = first["labels"]
     clean = unpack_bits(first["clean_codes"], bits)
@@ -344,6 +345,9 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
         "gallery_size": int(len(db_codes)), "classes": bundle.manifest.class_names,
         "clean": {k: clean_fig[k] for k in ("map_k", "map_all", "map_1000", "p_r2", "top_n",
                                            "pr_curve")},
+        "bundle_query_split": int(len(bundle.queries)),
+        "bundle_recorded": {k: recorded.get(k) for k in ("map_all", "map_1000", "p_r2",
+                                                        "num_queries")},
         "attacks": attacks, "examples": examples,
     }
 
