@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import threading
 import time
@@ -37,11 +38,23 @@ from service.retrieval.codes import codes_to_hex, pack_bits
 from service.retrieval.ranking import topk
 from service.store.bundle import Bundle
 
+log = logging.getLogger(__name__)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 MODES = {1: "L", 3: "RGB"}
 DEFAULT_EPS = 8 / 255
 FALLBACK_MAX_EPS = 0.1  # bundles without a trained generator
+# The default /attack method of a bundle whose manifest declares none (extra.default_method).
+# PGD needs no labels and no trained generator, so it runs on every bundle, and on the shipped
+# bundle it changes the code of 30 of the first 30 test images at 8/255 in about 80 ms on one
+# CPU thread, where its generators change 16-18 (benchmarks/default_method.py).
+RULE_DEFAULT_METHOD = "pgd"
+# Methods a "nothing changed" note suggests, strongest first on the shipped bundle
+# (README, attack table); targeted methods get targeted suggestions.
+STRONGER_UNTARGETED = ("dhta", "pgd")
+STRONGER_TARGETED = ("tha_targeted", "dhta_targeted")
+PERTURBATION_MID = 128  # grey level of "unchanged" in the stretched perturbation image
 
 
 # ----------------------------------------------------------------------------- images
@@ -139,9 +152,37 @@ def perturbation_stats(clean: np.ndarray, adv: np.ndarray) -> dict[str, Any]:
             "psnr_db": None if math.isinf(psnr) else psnr}
 
 
+def stretch_perturbation(clean: np.ndarray, adv: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The change ``adv - clean`` as a viewable uint8 image of the same shape, and its scale.
+
+    Mid-grey (128) is "unchanged"; the difference is multiplied by ``scale = 127 / max|d|``
+    (``d`` in grey levels) and rounded, so the largest change in either direction maps to
+    1 or 255 and the sign stays visible. ``scale`` is None (and the image plain 128) when
+    nothing changed.
+    """
+    d = adv.astype(np.int16) - clean.astype(np.int16)
+    span = int(np.abs(d).max()) if d.size else 0
+    if span == 0:
+        return np.full(d.shape, PERTURBATION_MID, np.uint8), None
+    scale = 127.0 / span
+    img = np.clip(np.rint(PERTURBATION_MID + d * scale), 0, 255).astype(np.uint8)
+    return img, scale
+
+
 def code_json(code: np.ndarray) -> dict[str, str]:
     """A +-1 code as hex (first bit = most significant) and as a '0'/'1' string (+1 -> '1')."""
     return {"hex": codes_to_hex(code), "bits": "".join("1" if b > 0 else "0" for b in code)}
+
+
+def _eps_text(eps: float) -> str:
+    """eps as grey levels of 255 (``16/255``, ``25.5/255``)."""
+    v = eps * 255
+    return f"{v:.0f}/255" if abs(v - round(v)) < 1e-6 else f"{v:.1f}/255"
+
+
+def _needs_labels(method: str) -> bool:
+    cls = ATTACKS.get(method)
+    return bool(cls.needs_labels or cls.needs_context)
 
 
 # ----------------------------------------------------------------------------- queries
@@ -183,12 +224,10 @@ class BundleService:
         self.input = m.input
         self.generators = sorted({g["attack"] for g in m.generators})
         self.max_eps = max((g["eps"] for g in m.generators), default=FALLBACK_MAX_EPS)
-        self.default_method = (
-            "untargeted_gan" if "untargeted_gan" in self.generators
-            else self.generators[0] if self.generators else "pgd")
         self._methods = [n for n in ATTACKS.names()
                          if not issubclass(ATTACKS.get(n), GeneratorAttack)
                          or n in self.generators]
+        self.default_method, self.default_method_source = self._pick_default(m.extra)
         self._id_to_index = {int(i): n for n, i in enumerate(bundle.gallery.ids)}
         self._db_packed = np.ascontiguousarray(bundle.gallery.codes_packed)
         self._db_labels = bundle.gallery.labels.astype(np.float32)
@@ -207,17 +246,31 @@ class BundleService:
         """Registered attacks this bundle can run (generator attacks only if trained in)."""
         return list(self._methods)
 
+    def _pick_default(self, extra: dict[str, Any]) -> tuple[str, str]:
+        """The method /attack and audits run when none is named, and why.
+
+        A bundle may declare it in its manifest (``extra.default_method``, e.g. a generator
+        measured to be strong enough); otherwise :data:`RULE_DEFAULT_METHOD`. A declared name
+        this bundle cannot run is ignored with a warning.
+        """
+        declared = extra.get("default_method")
+        if declared:
+            if declared in self._methods:
+                return str(declared), "manifest"
+            log.warning("bundle %s declares default_method %r, which it cannot run; using %s",
+                        self.bundle.name, declared, RULE_DEFAULT_METHOD)
+        return RULE_DEFAULT_METHOD, "rule"
+
     @property
-    def label_free_method(self) -> str | None:
-        """The bundle's label-free default (a trained ``uaa_gan``), if any."""
-        return "uaa_gan" if "uaa_gan" in self.generators else None
+    def label_free_method(self) -> str:
+        """The default when a request gives no labels: the bundle's default method if it
+        needs none, else its trained ``uaa_gan``, else ``pgd``."""
+        if not _needs_labels(self.default_method):
+            return self.default_method
+        return "uaa_gan" if "uaa_gan" in self.generators else RULE_DEFAULT_METHOD
 
     def check_method(self, method: str | None, has_labels: bool = True) -> str:
         if not method and not has_labels:
-            if self.label_free_method is None:
-                raise AttackInputError(
-                    "labels: give the query's labels (this bundle has no label-free generator;"
-                    " label-free methods: pgd, hag)", field="labels")
             return self.label_free_method
         method = method or self.default_method
         names = self._methods
@@ -361,23 +414,57 @@ class BundleService:
             }
             if tprotos is not None:
                 hamming["adversarial_vs_target_prototype"] = int((adv_c != tprotos[n]).sum())
+            changed = bool(res.hamming[n] > 0)
+            hits_changed = [h["id"] for h in hits_c] != [h["id"] for h in hits_a]
+            pert_png, pert_scale = stretch_perturbation(q.image, res.adversarial[n])
             out.append({
                 "model": self._model_json(), "method": method, "eps": eps,
                 "eps_levels": math.floor(eps * 255 + 1e-6), "seed": self.seed,
                 "labels": self._names(q.labels), "target": self._names(q.target),
                 "preprocess": q.preprocess,
+                "changed": changed, "hits_changed": hits_changed,
+                "note": self._note(method, eps, changed, hits_changed, int(res.hamming[n]),
+                                   q),
                 "adversarial_png": base64.b64encode(encode_png(res.adversarial[n])).decode(),
+                "perturbation_png": base64.b64encode(encode_png(pert_png)).decode(),
                 "codes": {"clean": code_json(clean_c), "adversarial": code_json(adv_c)},
                 "bits": self.bits, "hamming": hamming, "top_k": q.top_k,
                 "hits": {"clean": hits_c, "adversarial": hits_a},
                 "precision_at_k": {"clean": prec_c, "adversarial": prec_a},
-                "perturbation": perturbation_stats(q.image, res.adversarial[n]),
+                "perturbation": {**perturbation_stats(q.image, res.adversarial[n]),
+                                 "png_scale": pert_scale},
                 "batch_size": b,
                 "timings_ms": {"attack": res.seconds * 1e3,
                                "hash": (t1 - t0 - res.seconds) * 1e3,
                                "search": (t2 - t1) * 1e3},
             })
         return out
+
+    def _note(self, method: str, eps: float, changed: bool, hits_changed: bool,
+              moved: int, q: Query) -> str | None:
+        """One line for an answer that shows no effect: it does not mean the model is robust;
+        what to try instead (a stronger method, a larger eps). None when the hits changed."""
+        if changed and hits_changed:
+            return None
+        levels = math.floor(eps * 255 + 1e-6)
+        if not changed:
+            what = (f"The adversarial code equals the clean code: {method} at eps "
+                    f"{levels}/255 did not move this image, so the hits are the same.")
+        else:
+            what = (f"The code moved by {moved} bit{'s' if moved != 1 else ''}, but the "
+                    f"top-{q.top_k} hits are the same.")
+        pool = STRONGER_TARGETED if ATTACKS.get(method).targeted else STRONGER_UNTARGETED
+        stronger = [m for m in pool if m != method and m in self._methods
+                    and (q.labels is not None or not _needs_labels(m))]
+        tries = [" or ".join(f"method={m}" for m in stronger)] if stronger else []
+        if eps < self.max_eps - 1e-9:
+            bigger = min(2 * eps, self.max_eps)
+            tries.append(f"a larger eps (e.g. {_eps_text(bigger)}; this bundle allows up to "
+                         f"{_eps_text(self.max_eps)})")
+        if not tries:
+            return (what + f" {method} is among the strongest methods here and eps is at "
+                    "this bundle's maximum: this image's code is hard to move at this budget.")
+        return what + " That alone does not show robustness: try " + ", or ".join(tries) + "."
 
     def warmup(self) -> None:
         """Run the default method and an encode once so the first request is not slow."""
@@ -421,6 +508,7 @@ class BundleService:
             "dataset": m.dataset.get("name"),
             "gallery_size": len(self.bundle.gallery), "query_size": len(self.bundle.queries),
             "default_method": self.default_method,
+            "default_method_source": self.default_method_source,
             "label_free_method": self.label_free_method, "max_eps": self.max_eps,
             "attacks": [self._method_json(n) for n in self.methods()],
             "evaluation": {k: ev.get(k) for k in ("map_all", "map_1000", "p_r2",

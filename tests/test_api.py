@@ -98,7 +98,7 @@ def test_attack_result_matches_recomputation(api_server, tiny_bundle, method, ta
                     eps="8/255", target=target, top_k=7)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["method"] == (method or "untargeted_gan")
+    assert body["method"] == (method or "pgd")  # the rule default: no manifest declaration
     assert body["model"]["name"] == "tiny" and body["model"]["sha"] == tiny_bundle.sha
     adv_img = decode_png(body["adversarial_png"])
     assert adv_img.mode == "L" and adv_img.size == (28, 28)
@@ -111,7 +111,11 @@ def test_attack_result_matches_recomputation(api_server, tiny_bundle, method, ta
     assert body["codes"]["adversarial"]["bits"] == "".join("1" if b > 0 else "0"
                                                           for b in codes[1])
     assert body["hamming"]["clean_vs_adversarial"] == int((codes[0] != codes[1]).sum())
+    assert body["changed"] is bool((codes[0] != codes[1]).any())
+    assert_perturbation_png(body, clean, adv)
     idx, dist = topk(pack_bits(codes), tiny_bundle.gallery.codes_packed, 7)
+    assert body["hits_changed"] is (g_ids(tiny_bundle, idx[0]) != g_ids(tiny_bundle, idx[1]))
+    assert (body["note"] is None) is (body["changed"] and body["hits_changed"])
     g = tiny_bundle.gallery
     for n, key in enumerate(("clean", "adversarial")):
         hits = body["hits"][key]
@@ -134,6 +138,26 @@ def test_attack_result_matches_recomputation(api_server, tiny_bundle, method, ta
     assert {"preprocess", "attack", "hash", "search", "wait", "total"} <= set(body["timings_ms"])
 
 
+def g_ids(bundle, idx: np.ndarray) -> list[int]:
+    return bundle.gallery.ids[idx].tolist()
+
+
+def assert_perturbation_png(body: dict, clean: np.ndarray, adv: np.ndarray) -> None:
+    """perturbation_png decodes, has the model input size and mode, and each pixel is
+    128 + (adv - clean) * png_scale (rounded), the largest change reaching 1 or 255."""
+    img = decode_png(body["perturbation_png"])
+    assert img.mode == "L" and img.size == (28, 28)
+    pert = np.asarray(img).astype(float)[None]
+    diff = adv.astype(float) - clean.astype(float)
+    scale = body["perturbation"]["png_scale"]
+    if not diff.any():
+        assert scale is None and (pert == 128).all()
+        return
+    assert scale == pytest.approx(127 / np.abs(diff).max())
+    assert np.abs(pert - (128 + diff * scale)).max() <= 0.5
+    assert pert.min() == 1 or pert.max() == 255
+
+
 def test_attack_resizes_rgb_jpeg_and_says_so(api_server):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8), "RGB")
@@ -147,16 +171,17 @@ def test_attack_resizes_rgb_jpeg_and_says_so(api_server):
     assert pre["format"] == "jpeg" and pre["received_size"] == [60, 40]
     assert pre["converted_to"] == "L" and pre["resized"] is True
     assert decode_png(body["adversarial_png"]).size == (28, 28)
+    assert decode_png(body["perturbation_png"]).size == (28, 28)
     assert body["labels"] == ["Coat", "Bag"]
 
 
-def test_attack_without_labels_uses_the_label_free_generator(api_server, tiny_bundle):
+def test_attack_without_labels_uses_the_label_free_default(api_server, tiny_bundle):
     clean = tiny_bundle.queries.images[7]
     r = httpx.post(f"{api_server.url}/attack", files={"image": ("q.png", png_bytes(clean))},
                    data={"eps": "16/255", "top_k": "5"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["method"] == "uaa_gan" and body["labels"] is None
+    assert body["method"] == "pgd" and body["labels"] is None
     assert body["precision_at_k"] == {"clean": None, "adversarial": None}
     assert body["hamming"]["clean_vs_prototype"] is None
     assert all("relevant" not in h for h in body["hits"]["adversarial"])
@@ -165,7 +190,39 @@ def test_attack_without_labels_uses_the_label_free_generator(api_server, tiny_bu
     codes = encode_uint8(tiny_bundle.hasher, np.stack([clean, adv]))
     assert body["codes"]["adversarial"]["hex"] == codes_to_hex(codes[1])
     m = httpx.get(f"{api_server.url}/models/tiny").json()
-    assert m["label_free_method"] == "uaa_gan"
+    assert m["label_free_method"] == m["default_method"] == "pgd"
+    assert m["default_method_source"] == "rule"
+
+
+def test_attack_that_moves_nothing_says_so_and_names_what_to_try(api_server, tiny_bundle):
+    """At eps 1/255 the generator leaves some codes as they were: those answers say
+    changed=false with a note naming stronger methods and a larger eps; answers whose hits
+    changed carry no note."""
+    q = tiny_bundle.queries
+    names = tiny_bundle.manifest.class_names
+    seen = {True: 0, False: 0}
+    for i in range(12):
+        label = names[int(np.flatnonzero(q.labels[i])[0])]
+        r = post_attack(api_server.url, png_bytes(q.images[i]), labels=label,
+                        method="untargeted_gan", eps="1/255")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["changed"] is (body["codes"]["clean"]["hex"]
+                                   != body["codes"]["adversarial"]["hex"])
+        assert_perturbation_png(body, q.images[i],
+                                np.asarray(decode_png(body["adversarial_png"]))[None])
+        seen[body["changed"]] += 1
+        if not body["changed"]:
+            assert body["hits_changed"] is False
+            note = body["note"]
+            assert note.startswith("The adversarial code equals the clean code")
+            assert "method=dhta or method=pgd" in note
+            assert "larger eps (e.g. 2/255; this bundle allows up to 25.5/255)" in note
+        elif body["hits_changed"]:
+            assert body["note"] is None
+        else:
+            assert "top-10 hits are the same" in body["note"]
+    assert seen[False] >= 1, seen  # the case this test is about did occur
 
 
 def test_encode_and_models_and_thumbnails(api_server, tiny_bundle):

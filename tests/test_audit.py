@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import time
 import zipfile
+from html import escape as html_escape
 from pathlib import Path
 
 import httpx
@@ -98,7 +100,62 @@ def test_audit_through_redis_worker_equals_cli(stack, reference, tmp_path):
     html = httpx.get(f"{stack.url}/audit/{audit_id}/report",
                      headers={"Accept": "text/html"})
     assert html.headers["content-type"].startswith("text/html")
+    assert_report_page(html.text, res)
+    assert 'data-plot="map_vs_eps"' in html.text  # two eps values: a line over eps
+    # the JSON link, resolved against the page's own URL as a browser would
+    href = re.search(r"id='json-link' href='([^']+)'", html.text).group(1)
+    assert httpx.get(str(html.url.join(href))).json() == res
     check_renders_in_chromium(html.text, tmp_path)
+
+
+def assert_report_page(page: str, res: dict) -> None:
+    """The verdict names the worst attack (lowest attacked mAP@all) and its eps, says how
+    the query set relates to the bundle's split and compares clean mAP with the recorded
+    figure; both clean and attacked columns for each figure; the glossary."""
+    verdict = re.search(r"<p class='verdict' id='verdict'>(.*?)</p>", page).group(1)
+    worst = min(res["attacks"], key=lambda a: a["map_all"])
+    assert f"Worst attack: <b>{worst['method']} at eps {worst['eps_levels']}/255</b>" in verdict
+    assert f"to <b>{worst['map_all']:.4f}</b>" in verdict
+    q = res["queries"]
+    assert res["bundle_query_split"] == 100  # the tiny bundle's query split
+    if q["source"] == "bundle" and q["audited"] < 100:
+        assert f"random subsample: {q['audited']} of the bundle's 100 query images" in verdict
+    rec = res["bundle_recorded"]["map_all"]
+    assert f"the bundle records {rec:.4f}" in verdict
+    assert f"{res['clean']['map_all'] - rec:+.4f}" in verdict
+    table = page[page.index("<table id='figures'>"):]
+    table = table[:table.index("</table>")]
+    for label in ("mAP@all", "mAP@1000", "P@r≤2"):
+        assert f"<th class='grp' colspan='2'>{label}</th>" in table
+    assert table.count("<th>clean</th><th>attacked</th>") >= 3
+    for a in res["attacks"]:
+        for key in ("map_all", "map_1000", "p_r2"):
+            assert (f"<td>{res['clean'][key]:.4f}</td><td class='att'>{a[key]:.4f}</td>"
+                    in table)
+    assert "<h2 id='glossary'>Glossary</h2>" in page
+    for term in ("codes changed %", "perturbation (stretched)", "mAP@all, mAP@1000 (mAP@K)",
+                 "P@r≤2", "t-MAP"):
+        assert f"<dt>{html_escape(term)}</dt>" in page
+
+
+def test_cli_report_with_one_eps_draws_bars_and_links_its_json(tiny_store, tmp_path):
+    """`hashaudit audit run` with a single eps: the mAP plot is a bar per method (no line from
+    eps 0), the page links report.json written beside it, and it renders offline."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "service.cli", "audit", "run", "--bundle", "tiny", "--store",
+           str(tiny_store), "--methods", "uaa_gan", "pgd", "--eps", "8/255", "--count", "20",
+           "--device", "cpu", "--no-progress", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    page = (out / "report.html").read_text()
+    res = json.loads((out / "report.json").read_text())
+    assert 'data-plot="map_by_method"' in page and 'data-plot="map_vs_eps"' not in page
+    assert "id='json-link' href='report.json'" in page
+    assert_report_page(page, res)
+    assert "random subsample: 20 of the bundle's 100" in page
+    assert "<label class='zoom'><input type='checkbox'><img" in page  # enlarge on click
+    check_renders_in_chromium(page, tmp_path)
 
 
 def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):

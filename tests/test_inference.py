@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from service.errors import BadImage, PayloadTooLarge, UnsupportedImageType
-from service.inference import decode_upload, encode_png, perturbation_stats, sniff_image
+from service.inference import (
+    decode_upload,
+    encode_png,
+    perturbation_stats,
+    sniff_image,
+    stretch_perturbation,
+)
 
 
 def encoded(arr: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
@@ -66,3 +72,69 @@ def test_perturbation_stats():
     assert s["rmse"] == pytest.approx(np.sqrt(64 / 16) / 255)
     assert s["psnr_db"] == pytest.approx(20 * np.log10(1 / s["rmse"]))
     assert perturbation_stats(a, a)["psnr_db"] is None
+
+
+def test_stretched_perturbation_keeps_sign_and_maps_the_largest_change_to_full_range():
+    clean = np.full((3, 5, 5), 100, np.uint8)
+    adv = clean.copy()
+    adv[0, 0, 0], adv[1, 2, 3], adv[2, 4, 4] = 104, 92, 101  # +4, -8 (largest), +1
+    img, scale = stretch_perturbation(clean, adv)
+    assert img.shape == clean.shape and img.dtype == np.uint8 and scale == pytest.approx(127 / 8)
+    assert (img[1, 2, 3], img[0, 0, 0], img[2, 4, 4]) == (1, 128 + round(4 * 127 / 8),
+                                                          128 + round(127 / 8))
+    assert (img == 128).sum() == img.size - 3
+    flat, none = stretch_perturbation(clean, clean)
+    assert none is None and (flat == 128).all()
+
+
+def _declare_default(folder, method: str):
+    """Rewrite a bundle copy's manifest with ``extra.default_method`` (new checksums)."""
+    from service.store.bundle import MANIFEST, SUMS, finalize
+    from service.store.manifest import Manifest
+
+    m = Manifest.from_json((folder / MANIFEST).read_text())
+    payload = [ln.split()[1] for ln in (folder / SUMS).read_text().splitlines()
+               if ln.split()[1] != MANIFEST]
+    finalize(folder, m.replace(extra={**m.extra, "default_method": method}), payload)
+
+
+def test_default_method_rule_and_manifest_declaration(tiny_bundle, tiny_bundle_copy, caplog):
+    from service.inference import RULE_DEFAULT_METHOD, BundleService
+    from service.store.bundle import load_bundle
+
+    svc = BundleService(tiny_bundle)
+    assert (svc.default_method, svc.default_method_source) == (RULE_DEFAULT_METHOD, "rule")
+    assert svc.check_method(None) == svc.check_method(None, has_labels=False) == "pgd"
+    _declare_default(tiny_bundle_copy, "untargeted_gan")
+    declared = BundleService(load_bundle(tiny_bundle_copy))
+    assert (declared.default_method, declared.default_method_source) == ("untargeted_gan",
+                                                                         "manifest")
+    assert declared.check_method(None) == "untargeted_gan"
+    # untargeted_gan needs labels: without them the trained label-free generator runs
+    assert declared.check_method(None, has_labels=False) == declared.label_free_method == "uaa_gan"
+    assert declared.summary()["default_method_source"] == "manifest"
+    _declare_default(tiny_bundle_copy, "saliency_gan_missing")
+    fallback = BundleService(load_bundle(tiny_bundle_copy))
+    assert (fallback.default_method, fallback.default_method_source) == ("pgd", "rule")
+    assert "saliency_gan_missing" in caplog.text
+
+
+def test_note_names_what_to_try_and_stays_quiet_when_the_hits_moved(tiny_bundle):
+    from service.inference import BundleService, Query
+
+    svc = BundleService(tiny_bundle)
+    q = tiny_bundle.queries
+    labelled = Query(image=q.images[0], labels=q.labels[0])
+    bare = Query(image=q.images[0])
+    assert svc._note("untargeted_gan", 8 / 255, True, True, 5, labelled) is None
+    n = svc._note("untargeted_gan", 8 / 255, False, False, 0, labelled)
+    assert n.startswith("The adversarial code equals the clean code: untargeted_gan at eps "
+                        "8/255")
+    assert "method=dhta or method=pgd" in n and "e.g. 16/255" in n and "25.5/255" in n
+    n = svc._note("pgd", 8 / 255, True, False, 1, bare)  # dhta needs labels: not offered
+    assert "moved by 1 bit, but the top-10 hits" in n and "method=" not in n and "16/255" in n
+    n = svc._note("pgd", svc.max_eps, False, False, 0, bare)
+    assert "hard to move at this budget" in n
+    n = svc._note("targeted_gan", 8 / 255, False, False, 0,
+                  Query(image=q.images[0], labels=q.labels[0], target=q.labels[1]))
+    assert "method=tha_targeted or method=dhta_targeted" in n

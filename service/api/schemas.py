@@ -67,6 +67,11 @@ class Perturbation(BaseModel):
     linf_levels: int = Field(description="the same in grey levels (0..255)")
     rmse: float
     psnr_db: float | None = Field(description="null when the image is unchanged")
+    png_scale: float | None = Field(
+        description="stretch of perturbation_png: pixel = round(128 + (adv - input) * "
+                    "png_scale), adv and input in grey levels; 127 / linf_levels, so the "
+                    "largest change maps to 1 or 255. null when the image is unchanged "
+                    "(perturbation_png is then plain 128)")
 
 
 class Preprocess(BaseModel):
@@ -88,7 +93,20 @@ class AttackResponse(BaseModel):
     labels: list[str] | None
     target: list[str] | None
     preprocess: Preprocess
+    changed: bool = Field(description="the adversarial code differs from the clean code")
+    hits_changed: bool = Field(description="the top-k hits (ids, in order) differ")
+    note: str | None = Field(
+        description="set when the attack shows no effect (code or top-k unchanged): says that "
+                    "this is not evidence of robustness and names a stronger method and/or a "
+                    "larger eps to try; null when the hits changed",
+        examples=["The adversarial code equals the clean code: untargeted_gan at eps 8/255 did "
+                  "not move this image, so the hits are the same. That alone does not show "
+                  "robustness: try method=dhta or method=pgd, or a larger eps (e.g. 16/255; "
+                  "this bundle allows up to 25.5/255)."])
     adversarial_png: str = Field(description="base64 PNG at the model's input size and mode")
+    perturbation_png: str = Field(
+        description="base64 PNG of adv - input at the model's input size and mode, stretched "
+                    "to full range around mid-grey 128 (see perturbation.png_scale)")
     codes: Codes
     bits: int
     hamming: Hamming
@@ -137,8 +155,11 @@ class ModelSummary(BaseModel):
     dataset: Any
     gallery_size: int
     query_size: int
-    default_method: str
-    label_free_method: str | None
+    default_method: str = Field(description="run when a request names no method")
+    default_method_source: str = Field(
+        description="manifest (the bundle declares it in extra.default_method) or rule "
+                    "(pgd: needs no labels or trained generator)")
+    label_free_method: str = Field(description="default when a request gives no labels")
     max_eps: float
     attacks: list[AttackInfo]
     evaluation: dict[str, Any]

@@ -24,7 +24,13 @@ from service.attacks import ATTACKS
 from service.attacks.runner import attack_batch
 from service.errors import BadImage, BundleError, HashAuditError
 from service.evaluation import protocol_record, retrieval_figures
-from service.inference import decode_upload, encode_png, psnr_db, rmse_per_image
+from service.inference import (
+    decode_upload,
+    encode_png,
+    psnr_db,
+    rmse_per_image,
+    stretch_perturbation,
+)
 from service.jobs.spec import (
     TRIGGER_CHUNK,
     chunk_keys,
@@ -288,6 +294,7 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
         merged.update({k: v for k, v in parts[0][0].items() if k.startswith("example")})
         return merged, [p[1] for p in parts]
 
+    recorded = bundle.manifest.evaluation.get("figures", {})  # on the full query split
     first, _ = gather(spec["methods"][0], 0)
     q_labels = first["labels"]
     clean = unpack_bits(first["clean_codes"], bits)
@@ -338,6 +345,9 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
         "gallery_size": int(len(db_codes)), "classes": bundle.manifest.class_names,
         "clean": {k: clean_fig[k] for k in ("map_k", "map_all", "map_1000", "p_r2", "top_n",
                                            "pr_curve")},
+        "bundle_query_split": int(len(bundle.queries)),
+        "bundle_recorded": {k: recorded.get(k) for k in ("map_all", "map_1000", "p_r2",
+                                                        "num_queries")},
         "attacks": attacks, "examples": examples,
     }
 
@@ -441,9 +451,8 @@ def _examples(bundle: Any, method: str, eps: float, arr: dict[str, np.ndarray],
     names = bundle.manifest.class_names
     out = []
     for i in range(n):
-        diff = adv_x[i].astype(np.int16) - clean_x[i].astype(np.int16)
-        span = max(1, int(np.abs(diff).max()))
-        pert = np.clip(127.5 + 127.5 * diff / span, 0, 255).astype(np.uint8)
+        pert, _ = stretch_perturbation(clean_x[i], adv_x[i])
+        span = int(np.abs(adv_x[i].astype(np.int16) - clean_x[i].astype(np.int16)).max())
         lab = arr["labels"][i]
 
         def hits(row: int, lab: np.ndarray = lab) -> list[dict[str, Any]]:

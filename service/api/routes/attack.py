@@ -60,12 +60,13 @@ async def attack(
     labels: Annotated[list[str] | None, Form(
         description="the image's labels: class indices or names; several allowed "
                     "(repeat the field or separate with commas). Without labels only "
-                    "label-free methods run (default then: the bundle's uaa_gan)",
+                    "label-free methods run (default then: label_free_method in GET /models)",
         examples=[["Coat"]])] = None,
     model: ModelField = None,
     method: Annotated[str | None, Form(
         description="registered attack (GET /models lists them); empty = the bundle's "
-                    "generator", examples=["untargeted_gan"])] = None,
+                    "default_method (GET /models; pgd unless the bundle declares another)",
+        examples=["pgd"])] = None,
     eps: Annotated[str | None, Form(
         description="L-inf budget in [0, 1] pixel units, e.g. 8/255 or 0.0314 "
                     "(default 8/255; at most the bundle's max_eps)", examples=["8/255"])] = None,
@@ -73,11 +74,14 @@ async def attack(
         description="target label(s), only for targeted methods")] = None,
     top_k: TopKField = 10,
 ) -> JSON:
-    """Returns the adversarial image as base64 PNG (model input size and mode; other sizes
-    are converted and resized bilinearly, see `preprocess`), clean and adversarial codes,
-    Hamming distances (between them and to the label's prototype code), top-k hits before
-    and after with precision@k, perturbation stats and timings. Requests for the same model,
-    method and eps that arrive together run as one batch (`batch_size`)."""
+    """Returns the adversarial image and the perturbation (stretched to full range around
+    mid-grey) as base64 PNGs (model input size and mode; other sizes are converted and
+    resized bilinearly, see `preprocess`), whether the code and the top-k changed (`changed`,
+    `hits_changed`, and a `note` naming a stronger method or a larger eps when they did not),
+    clean and adversarial codes, Hamming distances (between them and to the label's prototype
+    code), top-k hits before and after with precision@k, perturbation stats and timings.
+    Requests for the same model, method and eps that arrive together run as one batch
+    (`batch_size`)."""
     t0 = time.perf_counter()
     state = get_state(request)
     with state.batcher.incoming() as ticket:

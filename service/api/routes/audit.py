@@ -177,7 +177,8 @@ async def report(request: Request, audit_id: str,
     want_html = format == "html" or (
         format is None and "text/html" in request.headers.get("accept", ""))
     if want_html:
-        page = await run_in_threadpool(render_html, status)
+        # relative: resolves to this same path with ?format=json, also behind a path prefix
+        page = await run_in_threadpool(render_html, status, "?format=json")
         return HTMLResponse(page)
     if status["result"] is None:
         return JSON({"id": audit_id, "state": status["state"], "error": status["error"],
