@@ -25,6 +25,7 @@ async def live(request: Request) -> JSON:
             summary="Bundles loaded and warmed (503 otherwise)")
 async def ready(request: Request) -> JSON:
     state = get_state(request)
+    # healthy() and depth() answer False / None (never raise) while Redis is unreachable.
     detail = {"loading": state.loading, "device": state.device,
               "models": sorted(state.services), "failed": state.load_errors,
               "default": state.settings.default_bundle, "queue_depth": state.batcher.depth,
@@ -34,7 +35,8 @@ async def ready(request: Request) -> JSON:
                   "queued_chunks": state.audits.runner.depth()}}
     if state.ready:
         return JSON({"status": "ready", "detail": detail})
-    why = ("loading" if state.loading else "default bundle not loaded"
+    why = ("shutting down" if state.draining else "loading" if state.loading
+           else "default bundle not loaded"
            if state.settings.default_bundle not in state.services else "redis unreachable")
     return JSON({"status": why, "detail": detail}, status_code=503,
                 headers={"Retry-After": "2"})
