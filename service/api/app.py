@@ -58,10 +58,14 @@ class AppState:
     draining: bool = False  # shutdown has begun (see service.api.shutdown)
 
     @property
-    def ready(self) -> bool:
+    def serving(self) -> bool:
+        """Bundles loaded, default bundle served, not shutting down (no Redis call)."""
         return (not self.loading and not self.draining
-                and self.settings.default_bundle in self.services
-                and self.audits is not None and self.audits.runner.healthy())
+                and self.settings.default_bundle in self.services)
+
+    @property
+    def ready(self) -> bool:
+        return self.serving and self.audits is not None and self.audits.runner.healthy()
 
     def begin_drain(self, seconds: float) -> None:
         """Shutdown has begun (event loop): /health/ready turns 503; inference requests in

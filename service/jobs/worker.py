@@ -161,31 +161,37 @@ class AuditWorker(SimpleWorker):
         retry(self.set_state, WorkerStatus.IDLE, doing="recording the worker idle")
 
     def _requeue_after_outage(self, job: Any, queue: Any) -> None:
-        """Once Redis is back: a job whose end could not be recorded goes back to the front
-        of the queue, unless RQ recorded it after all. The rerun finds the chunk's stored
-        result (when the chunk got that far) and only completes the bookkeeping."""
+        """Once Redis is back: a job whose start or end could not be recorded goes back to
+        the front of the queue, unless RQ recorded its end after all or it is queued already.
+        The rerun finds the chunk's stored result (when the chunk got that far) and only
+        completes the bookkeeping."""
         wait_until_up(self.connection, doing=f"recording the end of job {job.id}")
         status = retry(job.get_status, refresh=True)
         if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED,
-                      JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED):
+                      JobStatus.SCHEDULED, JobStatus.DEFERRED):
             log.info("job %s is %s after the outage", job.id, status)
             return
         registry = StartedJobRegistry(queue.name, connection=self.connection,
                                       serializer=self.serializer)
 
-        def requeue() -> None:
+        def requeue() -> bool:
+            if job.id in queue.get_job_ids():
+                return False
             with self.connection.pipeline() as pipe:
                 for entry in self.connection.zrange(registry.key, 0, -1):
                     entry = entry.decode() if isinstance(entry, bytes) else entry
                     if registry.parse_job_id(entry) == job.id:
                         pipe.zrem(registry.key, entry)
+                pipe.lrem(queue.intermediate_queue_key, 0, job.id)
                 job.started_at = None
                 job.ended_at = None
                 queue._enqueue_job(job, pipeline=pipe, at_front=True)
                 pipe.execute()
+            return True
 
-        retry(requeue, doing=f"requeueing job {job.id}")
-        log.warning("job %s put back at the front of the queue after a Redis outage", job.id)
+        if retry(requeue, doing=f"requeueing job {job.id}"):
+            log.warning("job %s put back at the front of the queue after a Redis outage",
+                        job.id)
 
 
 def _utcnow() -> Any:
