@@ -208,12 +208,12 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    """Run the REST API with uvicorn (one process; the micro-batcher needs one model copy)."""
-    import uvicorn
-
+    """Run the REST API with uvicorn (one process; the micro-batcher needs one model copy).
+    SIGTERM drains requests in flight for at most HASHAUDIT_SHUTDOWN_DRAIN_S, then exits."""
     settings = get_settings()
     args = serve_parser().parse_args(argv)
     from service.api import create_app
+    from service.api.shutdown import serve
 
     app = create_app(settings)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
@@ -221,8 +221,8 @@ def cmd_serve(argv: list[str]) -> int:
           f"(default bundle {settings.default_bundle})\n"
           f"  Swagger UI: http://{shown}:{args.port}/docs (ReDoc: /redoc)\n"
           f"  ready when: http://{shown}:{args.port}/health/ready answers 200", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.no_access_log, timeout_graceful_shutdown=10)
+    serve(app, args.host, args.port, settings.shutdown_drain_s, log_level=args.log_level,
+          access_log=not args.no_access_log)
     return 0
 
 

@@ -37,7 +37,13 @@ class Settings(BaseSettings):
         chunk_timeout: seconds one chunk job may run before RQ stops it.
         chunk_retries: times a chunk is retried when its worker died.
         worker_heartbeat_s: a running chunk renews its lease this often (lease = 3 beats).
-        worker_maintenance_s: how often workers look for chunks of dead workers.
+        worker_maintenance_s: how often workers (idle or busy) look for chunks of dead
+            workers; a dead worker's chunk is back at the front of the queue within
+            ``3 * worker_heartbeat_s + worker_maintenance_s`` seconds (11 s by default).
+        shutdown_drain_s: on SIGTERM, ``hashaudit serve`` stops accepting connections and
+            lets requests in flight finish for at most this long; those still waiting then
+            get 503 + Retry-After, and the process exits. Keep it below the orchestrator's
+            grace period (docker-compose ``stop_grace_period`` of the api: 10 s).
         artifact_dir: writable folder where backdoor audits freeze their poisoned bundles
             (``audits/<id>/<bundle>``); share it between workers and the API to download them.
         train_timeout: seconds one training chunk (a backdoor audit's retraining) may run.
@@ -65,8 +71,9 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     chunk_timeout: int = Field(3600, ge=10)
     chunk_retries: int = Field(3, ge=0, le=100)
-    worker_heartbeat_s: float = Field(5.0, gt=0.0)
-    worker_maintenance_s: float = Field(30.0, gt=0.0)
+    worker_heartbeat_s: float = Field(2.0, gt=0.0)
+    worker_maintenance_s: float = Field(5.0, gt=0.0)
+    shutdown_drain_s: float = Field(8.0, gt=0.0, le=3600.0)
     artifact_dir: Path = REPO_ROOT / "artifacts"
     train_timeout: int = Field(24 * 3600, ge=10)
 

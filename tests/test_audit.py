@@ -160,7 +160,10 @@ def test_cli_report_with_one_eps_draws_bars_and_links_its_json(tiny_store, tmp_p
 
 def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):
     """SIGKILL the only worker while a chunk runs; a new worker finishes the audit; every
-    chunk counts exactly once and the result equals the uninterrupted one."""
+    chunk counts exactly once and the result equals the uninterrupted one. The lost chunk is
+    retried at the front of the queue: it starts before every chunk that was still queued
+    behind it when its worker died."""
+    from rq import Queue
     from rq.job import Job
     from rq.registry import StartedJobRegistry
     from rq.serializers import JSONSerializer
@@ -169,12 +172,14 @@ def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):
     b = None
     try:
         audit_id = submit(stack.url, SPEC_HTTP)
+        # cleanup=False: reading the registry must not itself retry abandoned jobs
         reg = StartedJobRegistry("hashaudit", connection=redis_db, serializer=JSONSerializer)
+        queue = Queue("hashaudit", connection=redis_db, serializer=JSONSerializer)
         deadline = time.monotonic() + 120
         killed_job = None
         while time.monotonic() < deadline:
             st = httpx.get(f"{stack.url}/audit/{audit_id}").json()
-            running = [j for j in reg.get_job_ids() if audit_id in j]
+            running = [j for j in reg.get_job_ids(cleanup=False) if audit_id in j]
             if st["progress"]["done_chunks"] >= 2 and running:
                 killed_job = running[0]
                 os.kill(a.pid, signal.SIGKILL)
@@ -182,8 +187,14 @@ def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):
             time.sleep(0.02)
         assert killed_job, "worker finished before it could be killed"
         a.wait(10)
+        queued_behind = [j for j in queue.get_job_ids() if audit_id in j]
+        assert queued_behind, "no chunk left queued behind the killed one"
         done_before = httpx.get(f"{stack.url}/audit/{audit_id}").json()["progress"]
         assert done_before["done_chunks"] < done_before["total_chunks"]
+        # the dead worker's lease (3 heartbeats) lapses before the new worker looks for it
+        while killed_job not in reg.get_expired_job_ids(time.time()):
+            assert time.monotonic() < deadline, "the killed job's lease never lapsed"
+            time.sleep(0.05)
         b = start_worker(stack.worker_env, stack.logs / "w-crash-b.log", "w-crash-b")
         st = wait(stack.url, audit_id)
     finally:
@@ -196,6 +207,10 @@ def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):
     job = Job.fetch(killed_job, connection=redis_db, serializer=JSONSerializer)
     assert job.get_status() == "finished"
     assert job.retries_left == 2  # RQ found the dead worker's job and ran it again
+    later = Job.fetch_many(queued_behind, connection=redis_db, serializer=JSONSerializer)
+    assert all(j.get_status() == "finished" for j in later)
+    first_behind = min(j.started_at for j in later)
+    assert job.started_at < first_behind, (job.started_at, first_behind)
 
 
 def test_cancel_drops_queued_work(stack):

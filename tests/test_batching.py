@@ -118,3 +118,42 @@ def test_submit_before_start_is_busy():
             await b.submit("k", 1)
 
     run(main())
+
+
+def test_drain_serves_until_the_deadline_then_answers_busy():
+    """Shutdown: work queued before the drain deadline is served; at the deadline the
+    running batch's and the queued requests get Busy at once (the API turns it into a JSON
+    503), without waiting for the batch that still runs; later submissions get Busy too."""
+    release = threading.Event()
+    first_started = threading.Event()
+
+    def runner(key, items):
+        if key == "slow":
+            first_started.set()
+            release.wait(10)
+        return list(items)
+
+    async def main():
+        b = MicroBatcher(runner, max_batch=1, max_delay_ms=0)
+        b.start()
+        fast = await b.submit("fast", 1)  # served normally before the drain
+        slow = asyncio.ensure_future(b.submit("slow", 2))
+        await asyncio.to_thread(first_started.wait, 10)
+        queued = [asyncio.ensure_future(b.submit("fast", i)) for i in range(3, 6)]
+        await asyncio.sleep(0.05)
+        b.drain(0.1)
+        t0 = time.monotonic()
+        out = await asyncio.gather(slow, *queued, return_exceptions=True)
+        waited = time.monotonic() - t0
+        with pytest.raises(Busy) as late:
+            await b.submit("fast", 9)
+        release.set()
+        await b.stop()
+        return fast, out, waited, late.value
+
+    fast, out, waited, late = run(main())
+    assert fast == 1
+    assert len(out) == 4 and all(isinstance(e, Busy) for e in out), out
+    assert all(e.retry_after >= 1 and "shutting down" in e.message for e in out)
+    assert waited < 5  # answered at the deadline, not when the stuck batch ended (10 s)
+    assert "shutting down" in late.message

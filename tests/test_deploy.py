@@ -273,6 +273,25 @@ def test_worker_scales_and_restarts():
     assert service_command(worker)[0] == "worker"
 
 
+def _seconds(duration: str) -> float:
+    """A compose duration ("10s", "2m", "1m30s") in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(duration))
+    assert parts and "".join(n + u for n, u in parts) == str(duration), duration
+    unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def test_api_drain_fits_in_the_stop_grace_period():
+    """The API's shutdown drain (plus a second to exit) ends before Docker's SIGKILL."""
+    from service.config import Settings
+
+    api = compose()["services"]["api"]
+    drain = float(api["environment"].get("HASHAUDIT_SHUTDOWN_DRAIN_S",
+                                         Settings.model_fields["shutdown_drain_s"].default))
+    assert drain <= 10
+    assert drain + 1 < _seconds(api["stop_grace_period"])
+
+
 @pytest.mark.parametrize("name,mode", [("api", "ro"), ("worker", "ro"), ("train", "rw")])
 def test_model_store_mount(name, mode):
     svc = compose()["services"][name]

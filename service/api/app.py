@@ -18,6 +18,7 @@ from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.shutdown import CancelledAsJSON
 from service.config import Settings, get_settings
 from service.device import resolve_device
 from service.errors import HashAuditError
@@ -59,11 +60,25 @@ class AppState:
     started_at: float = field(default_factory=time.time)
     device: str = "cpu"
     audits: Any = None  # service.jobs.queue.AuditQueue once started
+    draining: bool = False  # shutdown has begun (see service.api.shutdown)
+
+    @property
+    def serving(self) -> bool:
+        """Bundles loaded, default bundle served, not shutting down (no Redis call)."""
+        return (not self.loading and not self.draining
+                and self.settings.default_bundle in self.services)
 
     @property
     def ready(self) -> bool:
-        return (not self.loading and self.settings.default_bundle in self.services
-                and self.audits is not None and self.audits.runner.healthy())
+        return self.serving and self.audits is not None and self.audits.runner.healthy()
+
+    def begin_drain(self, seconds: float) -> None:
+        """Shutdown has begun (event loop): /health/ready turns 503; inference requests in
+        flight are served for ``seconds`` more, then the rest is answered 503."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        self.batcher.drain(seconds)
+        log.info("shutting down: draining requests in flight for at most %.1f s", seconds)
 
     def run_batch(self, key: Hashable, items: list[Any]) -> list[Any]:
         """Micro-batcher runner (inference thread): key = (model, kind, method, eps)."""
@@ -141,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batcher.stop()
             stop = getattr(state.audits.runner, "stop", None)
             if stop is not None:
-                await asyncio.to_thread(stop)
+                await asyncio.to_thread(stop, 1.0)
 
     app = FastAPI(
         title="HashAudit", version=__version__, description=DESCRIPTION, lifespan=lifespan,
@@ -167,4 +182,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        on_reject=metrics.error,
                        overrides={"/audit/uploads": settings.max_archive_bytes})
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(CancelledAsJSON)
     return app

@@ -8,6 +8,11 @@ The thread runs the batch, hands each result back to the event loop and forms th
 itself, so a busy event loop never leaves the model idle; while a batch runs new requests
 pile up, so under load batches fill without waiting. A full queue answers :class:`Busy`
 (503 + Retry-After).
+
+Shutdown: :meth:`MicroBatcher.drain` (when the server stops accepting connections) keeps
+running what is queued until a deadline, then answers every request still waiting, queued
+or in the running batch, with :class:`Busy`, so each gets a JSON 503 instead of being cut
+off; :meth:`MicroBatcher.stop` does the same at once.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from service.errors import Busy
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Hashable, list[Any]], list[Any]]
+
+SHUTDOWN_RETRY_AFTER_S = 2
 
 
 class _Call:
@@ -89,6 +96,8 @@ class MicroBatcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False  # drain deadline passed: nothing new is taken
+        self._running: list[_Pending] = []
 
     @property
     def depth(self) -> int:
@@ -96,23 +105,40 @@ class MicroBatcher:
 
     def start(self) -> None:
         if self._thread is None:
-            self._stopping = False
+            self._stopping = self._closed = False
             self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
             self._thread.start()
 
-    async def stop(self) -> None:
-        """Stop the thread after the running batch; waiting requests get :class:`Busy`."""
+    def drain(self, seconds: float) -> None:
+        """Shutdown has begun: keep serving what is queued for ``seconds``, then answer every
+        request still waiting (queued or in the running batch) with :class:`Busy`.
+        Call on the event loop."""
+        asyncio.get_running_loop().call_later(max(0.0, seconds), self._abandon_waiting)
+
+    def _abandon_waiting(self, stopping: bool = False) -> int:
+        """Answer every waiting request with Busy; True also stops the thread."""
         with self._cond:
-            self._stopping = True
-            left = [p for q in self._queues.values() for p in q]
+            self._closed = True
+            self._stopping = self._stopping or stopping
+            left = [p for q in self._queues.values() for p in q] + self._running
             self._queues.clear()
             self._set_depth(0)
             self._cond.notify_all()
+        busy = Busy("the server is shutting down; retry on another instance or shortly",
+                    retry_after=SHUTDOWN_RETRY_AFTER_S)
+        left = [p for p in left if not p.future.done()]
         for p in left:
-            p.loop.call_soon_threadsafe(
-                _resolve, p.future, None, Busy("the server is shutting down", retry_after=5))
+            p.loop.call_soon_threadsafe(_resolve, p.future, None, busy)
+        if left:
+            log.info("shutting down: %d waiting requests answered 503", len(left))
+        return len(left)
+
+    async def stop(self, join_s: float = 1.0) -> None:
+        """Stop the thread; waiting requests get :class:`Busy`. A batch still running is not
+        waited for longer than ``join_s`` (the thread is a daemon)."""
+        self._abandon_waiting(stopping=True)
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, join_s)
             self._thread = None
 
     def _set_depth(self, depth: int) -> None:
@@ -142,6 +168,9 @@ class MicroBatcher:
     def _enqueue(self, key: Hashable, item: Any, check_limit: bool,
                  ticket: Ticket | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
+        if self._closed:
+            raise Busy("the server is shutting down; retry on another instance or shortly",
+                       retry_after=SHUTDOWN_RETRY_AFTER_S)
         if self._thread is None or self._stopping:
             raise Busy("the inference queue is not running", retry_after=5)
         fut = loop.create_future()
@@ -208,6 +237,7 @@ class MicroBatcher:
                 if not q:
                     del self._queues[key]
                 if batch:
+                    self._running = batch
                     return key, batch
 
     def _work(self) -> None:
@@ -234,6 +264,8 @@ class MicroBatcher:
             seconds = time.perf_counter() - t0
             if not isinstance(key, _Call) and self.on_batch is not None:
                 self.on_batch(key, len(batch), seconds)
+            with self._cond:
+                self._running = []
             for n, p in enumerate(batch):
                 r = None if results is None else results[n]
                 e = error if error is not None else (r if isinstance(r, BaseException) else None)

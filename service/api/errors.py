@@ -25,8 +25,11 @@ from service.errors import (
     UnknownName,
     UnsupportedImageType,
 )
+from service.jobs.outage import TRANSIENT
 
 log = logging.getLogger("service.api")
+
+QUEUE_RETRY_AFTER_S = 5  # Retry-After of a 503 while Redis is unreachable
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
@@ -103,6 +106,19 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return error_response(exc.status_code, code, detail, None,
                               dict(exc.headers) if exc.headers else None)
+
+    async def queue_unavailable(request: Request, exc: Exception) -> JSON:
+        # Redis (the audit queue and store) unreachable: the client may retry; the server
+        # keeps serving /attack and reconnects by itself.
+        count("queue_unavailable")
+        log.warning("audit queue unreachable on %s %s: %s", request.method, request.url.path,
+                    exc)
+        return error_response(503, "queue_unavailable",
+                              "the audit queue (Redis) is unreachable; retry shortly",
+                              None, {"Retry-After": str(QUEUE_RETRY_AFTER_S)})
+
+    for cls in TRANSIENT:
+        app.add_exception_handler(cls, queue_unavailable)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSON:

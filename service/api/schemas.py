@@ -180,6 +180,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse, "description": d} for s, d in {
         401: "Missing or invalid API key", 404: "Unknown model",
         413: "Upload or image too large", 415: "Not a PNG or JPEG",
-        422: "Invalid field (named in error.field)", 503: "Busy or still loading (Retry-After)",
+        422: "Invalid field (named in error.field)",
+        503: "Busy, loading, shutting down, or audit queue unreachable (Retry-After)",
     }.items()
 }

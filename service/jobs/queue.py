@@ -22,6 +22,7 @@ from typing import Any
 from service.config import Settings, get_settings
 from service.jobs import tasks
 from service.jobs.kv import MemoryKV
+from service.jobs.outage import TRANSIENT
 from service.jobs.spec import (
     TRIGGER_CHUNK,
     chunk_keys,
@@ -39,7 +40,10 @@ QUEUE_NAME = "hashaudit"
 def redis_client(url: str) -> Any:
     import redis
 
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    # socket_timeout: a Redis that stops answering (a cut network) fails calls after 10 s
+    # instead of hanging them; RQ raises it on workers above its blocking-pop timeout.
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10,
+                                health_check_interval=30)
 
 
 def context_from_settings(settings: Settings | None = None, models: Any = None) -> Any:
@@ -66,10 +70,12 @@ class LocalRunner:
             self._thread = threading.Thread(target=self._work, name="audit-runner", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, join_s: float = 30.0) -> None:
+        """Let the thread end after its chunk; wait for it at most ``join_s`` (a daemon: an
+        in-process audit still running when the server exits is lost with the process)."""
         if self._thread is not None:
             self._q.put(None)
-            self._thread.join(30)
+            self._thread.join(join_s)
             self._thread = None
 
     def _work(self) -> None:
@@ -82,7 +88,9 @@ class LocalRunner:
             except Exception:  # noqa: BLE001 - run_chunk records failures itself
                 log.exception("audit chunk %s failed", item)
 
-    def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any]) -> None:
+    def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any],
+                create: Callable[[Any], None]) -> None:
+        create(None)
         self.start()
         for c in chunks:
             self._q.put((audit_id, c))
@@ -90,7 +98,7 @@ class LocalRunner:
     def cancel(self, audit_id: str, chunks: list[str]) -> int:
         return 0  # queued chunks see the cancel flag and skip themselves
 
-    def depth(self) -> int:
+    def depth(self) -> int | None:
         return self._q.qsize()
 
     def failed(self, audit_id: str, chunks: list[str]) -> list[tuple[str, str]]:
@@ -115,8 +123,15 @@ class RQRunner:
     def job_id(audit_id: str, chunk: str) -> str:
         return f"audit-{audit_id}-" + chunk.replace("|", "-")
 
-    def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any]) -> None:
-        """One job per chunk; a backdoor audit's later chunks depend on its trigger chunk."""
+    def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any],
+                create: Callable[[Any], None]) -> None:
+        """One job per chunk; a backdoor audit's later chunks depend on its trigger chunk.
+
+        ``create(pipe)`` writes the audit record. For an attack audit it goes into the same
+        MULTI/EXEC transaction as the jobs: if Redis goes away mid-submit, either the audit
+        and all its chunks exist or nothing does (no audit left queued without jobs).
+        A retried chunk (its worker died, or it failed) goes to the front of the queue, so
+        an audit in progress is not delayed behind every audit queued after it."""
         from rq import Retry
 
         s = self.settings
@@ -127,11 +142,13 @@ class RQRunner:
             self.queue.enqueue_call(
                 tasks.run_chunk, args=(audit_id, c), job_id=self.job_id(audit_id, c),
                 timeout=timeout, depends_on=depends_on,
-                retry=Retry(max=s.chunk_retries) if s.chunk_retries > 0 else None,
+                retry=(Retry(max=s.chunk_retries, enqueue_at_front=True)
+                       if s.chunk_retries > 0 else None),
                 result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
                 description=f"audit {audit_id} chunk {c}", pipeline=pipe)
 
         if backdoor:
+            create(None)
             first, rest = chunks[0], chunks[1:]
             put(first)
             for c in rest:
@@ -140,6 +157,7 @@ class RQRunner:
         with self.connection.pipeline() as pipe:
             for c in chunks:
                 put(c, pipe)
+            create(pipe)  # after the jobs: RQ's enqueue WATCHes before it queues commands
             pipe.execute()
 
     def failed(self, audit_id: str, chunks: list[str]) -> list[tuple[str, str]]:
@@ -172,8 +190,12 @@ class RQRunner:
                 dropped += 1
         return dropped
 
-    def depth(self) -> int:
-        return len(self.queue)
+    def depth(self) -> int | None:
+        """Queued chunks; None while Redis is unreachable."""
+        try:
+            return len(self.queue)
+        except TRANSIENT:
+            return None
 
     def healthy(self) -> bool:
         try:
@@ -196,8 +218,8 @@ class AuditQueue:
     def submit(self, spec: dict[str, Any]) -> str:
         audit_id = uuid.uuid4().hex[:16]
         chunks = chunk_keys(spec)
-        self.store.create(audit_id, spec, len(chunks))
-        self.runner.enqueue(audit_id, chunks, spec)
+        self.runner.enqueue(audit_id, chunks, spec,
+                            lambda kv: self.store.create(audit_id, spec, len(chunks), kv=kv))
         log.info("audit %s: %d chunks queued (%s)", audit_id, len(chunks),
                  type(self.runner).__name__)
         return audit_id

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import UnknownName
+from service.jobs.outage import OUTAGE, TRANSIENT
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
@@ -62,13 +63,16 @@ class AuditStore:
 
     # ---- records
 
-    def create(self, audit_id: str, spec: dict[str, Any], n_chunks: int) -> None:
+    def create(self, audit_id: str, spec: dict[str, Any], n_chunks: int,
+               kv: Any = None) -> None:
+        """Write a new audit record (into ``kv``, e.g. a Redis transaction, when given)."""
+        kv = self.kv if kv is None else kv
         now = time.time()
-        self.kv.hset(self.key(audit_id), mapping={
+        kv.hset(self.key(audit_id), mapping={
             "spec": json.dumps(spec), "state": "queued", "created_at": now,
             "n_chunks": n_chunks})
-        self.kv.expire(self.key(audit_id), KEEP_SECONDS)
-        self.kv.zadd(f"{self.prefix}:audits", {audit_id: now})
+        kv.expire(self.key(audit_id), KEEP_SECONDS)
+        kv.zadd(f"{self.prefix}:audits", {audit_id: now})
 
     def exists(self, audit_id: str) -> bool:
         return bool(self.kv.exists(self.key(audit_id)))
@@ -97,9 +101,10 @@ class AuditStore:
         return json.loads(_s(raw))
 
     def mark_running(self, audit_id: str) -> None:
-        if self.kv.hsetnx(self.key(audit_id), "started_at", time.time()):
-            if self.state(audit_id) == "queued":
-                self.kv.hset(self.key(audit_id), "state", "running")
+        """queued -> running, recording the first start (idempotent: safe to repeat)."""
+        self.kv.hsetnx(self.key(audit_id), "started_at", time.time())
+        if self.state(audit_id) == "queued":
+            self.kv.hset(self.key(audit_id), "state", "running")
 
     def finish(self, audit_id: str, state: str, result: dict[str, Any] | None = None,
                error: str | None = None) -> bool:
@@ -133,8 +138,15 @@ class AuditStore:
         return self.kv.hget(self.key(audit_id, "chunks"), chunk)
 
     def set_progress(self, audit_id: str, chunk: str, info: dict[str, Any]) -> None:
-        self.kv.hset(self.key(audit_id, "progress"), chunk, json.dumps(info))
-        self.kv.expire(self.key(audit_id, "progress"), KEEP_SECONDS)
+        """Progress inside a long chunk; best effort: while Redis is unreachable the update
+        is dropped (the next one replaces it) and the chunk keeps running."""
+        try:
+            self.kv.hset(self.key(audit_id, "progress"), chunk, json.dumps(info))
+            self.kv.expire(self.key(audit_id, "progress"), KEEP_SECONDS)
+        except TRANSIENT as exc:
+            OUTAGE.failed(exc, "writing progress")
+        else:
+            OUTAGE.ok()
 
     def progress(self, audit_id: str) -> dict[str, dict[str, Any]]:
         raw = self.kv.hgetall(self.key(audit_id, "progress"))
@@ -152,14 +164,31 @@ class AuditStore:
         return bool(self.kv.exists(self.key(audit_id, "cancel")))
 
     def stopped(self, audit_id: str) -> bool:
-        """Cancelled, or already ended (e.g. failed by another chunk): running work stops."""
-        return self.cancelled(audit_id) or self.state(audit_id) in FINAL
+        """Cancelled, or already ended (e.g. failed by another chunk): running work stops.
 
-    def take_reduce_lock(self, audit_id: str, seconds: int = 600) -> bool:
-        return bool(self.kv.set(self.key(audit_id, "reduce"), 1, nx=True, ex=seconds))
+        Asked between batches of a running chunk. While Redis is unreachable the answer is
+        "not stopped" (the chunk keeps computing; a cancel is seen at the next batch after
+        Redis is back, or by the chunk's final checks)."""
+        try:
+            out = self.cancelled(audit_id) or self.state(audit_id) in FINAL
+        except TRANSIENT as exc:
+            OUTAGE.failed(exc, "checking for cancel")
+            return False
+        OUTAGE.ok()
+        return out
 
-    def release_reduce_lock(self, audit_id: str) -> None:
-        self.kv.delete(self.key(audit_id, "reduce"))
+    def take_reduce_lock(self, audit_id: str, token: str, seconds: int = 600) -> bool:
+        """Take the audit's reduce lock for ``token``; True also when ``token`` holds it
+        already (a reduce retried after a Redis outage takes its own lock again)."""
+        key = self.key(audit_id, "reduce")
+        if self.kv.set(key, token, nx=True, ex=seconds):
+            return True
+        return _s(self.kv.get(key)) == token
+
+    def release_reduce_lock(self, audit_id: str, token: str) -> None:
+        key = self.key(audit_id, "reduce")
+        if _s(self.kv.get(key)) == token:
+            self.kv.delete(key)
 
     # ---- uploads
 

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from service.inference import (
     rmse_per_image,
     stretch_perturbation,
 )
+from service.jobs.outage import TRANSIENT, retry
 from service.jobs.spec import (
     TRIGGER_CHUNK,
     chunk_keys,
@@ -215,48 +217,65 @@ def run_chunk(audit_id: str, chunk: str) -> dict[str, Any]:
     Bad data (HashAuditError, e.g. a corrupt uploaded image) fails the audit with the
     message; the job itself ends normally so it is not retried. A crash (worker killed)
     leaves nothing stored, and RQ's retry runs the chunk again.
+
+    Redis may go away at any time (a restart, a network cut): the chunk keeps computing,
+    and every read and write of the audit store here is retried until Redis answers again
+    (:func:`service.jobs.outage.retry`). The writes are idempotent (the chunk result goes to
+    a fixed hash field; the reduce lock belongs to this call), so a write repeated after an
+    outage never counts twice.
     """
     ctx = context()
     st = ctx.audits
-    state = st.state(audit_id)
+    state = retry(st.state, audit_id, doing="reading an audit")
     if state is None:
         return {"chunk": chunk, "skipped": "unknown audit"}
-    if state in FINAL or st.cancelled(audit_id):
+    if state in FINAL or retry(st.cancelled, audit_id, doing="reading an audit"):
         return {"chunk": chunk, "skipped": state}
-    if not st.has_chunk(audit_id, chunk):
-        st.mark_running(audit_id)
+    if not retry(st.has_chunk, audit_id, chunk, doing="reading an audit"):
+        retry(st.mark_running, audit_id, doing="marking an audit running")
+        spec = retry(st.spec, audit_id, doing="reading an audit")
         t0 = time.perf_counter()
         try:
-            data = compute_chunk(ctx, audit_id, st.spec(audit_id), chunk)
+            data = compute_chunk(ctx, audit_id, spec, chunk)
         except Cancelled:
             return {"chunk": chunk, "skipped": "stopped"}
         except HashAuditError as exc:
-            st.finish(audit_id, "failed", error=f"chunk {chunk}: {exc.message}")
+            retry(st.finish, audit_id, "failed", error=f"chunk {chunk}: {exc.message}",
+                  doing="failing an audit")
             return {"chunk": chunk, "failed": exc.message}
-        st.put_chunk(audit_id, chunk, data)
+        retry(st.put_chunk, audit_id, chunk, data, doing=f"storing chunk {chunk}")
         log.info("audit %s chunk %s done in %.2f s", audit_id, chunk, time.perf_counter() - t0)
     maybe_reduce(audit_id)
     return {"chunk": chunk, "done": True}
 
 
 def maybe_reduce(audit_id: str) -> bool:
-    """Reduce once every chunk is in (one process wins the lock); True if it reduced."""
+    """Reduce once every chunk is in (one process wins the lock); True if it reduced.
+
+    Retried as a whole after a Redis outage; the retry holds the same lock token, so an
+    interrupted reduce resumes at once instead of waiting for its own lock to expire."""
+    return retry(_maybe_reduce, audit_id, uuid.uuid4().hex, doing="reducing an audit")
+
+
+def _maybe_reduce(audit_id: str, token: str) -> bool:
     ctx = context()
     st = ctx.audits
     rec = st.record(audit_id)
     if rec["state"] in FINAL or len(st.done_chunks(audit_id)) < rec["n_chunks"]:
         return False
-    if not st.take_reduce_lock(audit_id):
+    if not st.take_reduce_lock(audit_id, token):
         return False
     try:
         result = (reduce_backdoor(ctx, audit_id, rec) if is_backdoor(rec["spec"])
                   else reduce_audit(ctx, audit_id, rec))
-        st.finish(audit_id, "done", result=result)
+    except TRANSIENT:
+        raise  # Redis went away: retried with the lock still ours
     except Exception as exc:  # noqa: BLE001 - the audit must end, never hang
         log.exception("audit %s: reduce failed", audit_id)
         st.finish(audit_id, "failed", error=f"reduce: {type(exc).__name__}: {exc}")
-    finally:
-        st.release_reduce_lock(audit_id)
+    else:
+        st.finish(audit_id, "done", result=result)
+    st.release_reduce_lock(audit_id, token)
     return True
 
 

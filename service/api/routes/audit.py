@@ -106,13 +106,13 @@ async def create_audit(request: Request, body: AuditRequest) -> JSON:
     if body.type == "backdoor":
         spec = await run_in_threadpool(_backdoor_spec, svc, body)
         audit_id = await run_in_threadpool(audits.submit, spec)
-        out = audits.status(audit_id, with_result=False)
+        out = await run_in_threadpool(audits.status, audit_id, False)
         return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
     if body.backdoor is not None:
         raise BadInput('backdoor: only for "type": "backdoor"', field="backdoor")
     upload = None
     if body.queries.upload_id:
-        upload = upload_meta(audits.store, body.queries.upload_id)
+        upload = await run_in_threadpool(upload_meta, audits.store, body.queries.upload_id)
         if upload["model"] != svc.name:
             raise BadInput(f"queries.upload_id: the upload was made for {upload['model']}, "
                            f"not {svc.name}", field="queries.upload_id")
@@ -120,7 +120,7 @@ async def create_audit(request: Request, body: AuditRequest) -> JSON:
                           max_queries=state.settings.max_audit_queries,
                           lookup=lambda n: service_for(state, n, field="transfer_to").bundle)
     audit_id = await run_in_threadpool(audits.submit, spec)
-    out = audits.status(audit_id, with_result=False)
+    out = await run_in_threadpool(audits.status, audit_id, False)
     return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
 
 
@@ -143,13 +143,17 @@ def _backdoor_spec(svc: Any, body: AuditRequest) -> dict[str, Any]:
 async def list_audits(request: Request,
                       limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JSON:
     audits = _audits(get_state(request))
-    items = []
-    for audit_id in audits.store.list(limit):
-        try:
-            items.append(audits.status(audit_id, with_result=False))
-        except UnknownName:
-            continue  # expired between listing and reading
-    return JSON({"audits": items})
+
+    def recent() -> list[dict[str, Any]]:
+        items = []
+        for audit_id in audits.store.list(limit):
+            try:
+                items.append(audits.status(audit_id, with_result=False))
+            except UnknownName:
+                continue  # expired between listing and reading
+        return items
+
+    return JSON({"audits": await run_in_threadpool(recent)})
 
 
 @router.get("/audit/{audit_id}", responses=ERRORS,

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.api.deps import get_state, require_api_key
@@ -25,16 +26,22 @@ async def live(request: Request) -> JSON:
             summary="Bundles loaded and warmed (503 otherwise)")
 async def ready(request: Request) -> JSON:
     state = get_state(request)
+    audits = None
+    if state.audits is not None:
+        # In the thread pool: a Redis behind a cut network takes seconds to time out, and the
+        # event loop must go on serving meanwhile. healthy() and depth() never raise.
+        runner = state.audits.runner
+        reachable, depth = await run_in_threadpool(lambda: (runner.healthy(), runner.depth()))
+        audits = {"runner": "redis" if state.settings.redis_url else "in-process",
+                  "reachable": reachable, "queued_chunks": depth}
     detail = {"loading": state.loading, "device": state.device,
               "models": sorted(state.services), "failed": state.load_errors,
               "default": state.settings.default_bundle, "queue_depth": state.batcher.depth,
-              "audits": None if state.audits is None else {
-                  "runner": "redis" if state.settings.redis_url else "in-process",
-                  "reachable": state.audits.runner.healthy(),
-                  "queued_chunks": state.audits.runner.depth()}}
-    if state.ready:
+              "audits": audits}
+    if state.serving and audits is not None and audits["reachable"]:
         return JSON({"status": "ready", "detail": detail})
-    why = ("loading" if state.loading else "default bundle not loaded"
+    why = ("shutting down" if state.draining else "loading" if state.loading
+           else "default bundle not loaded"
            if state.settings.default_bundle not in state.services else "redis unreachable")
     return JSON({"status": why, "detail": detail}, status_code=503,
                 headers={"Retry-After": "2"})
