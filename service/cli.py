@@ -437,6 +437,8 @@ def data_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", type=Path, default=None,
                    help="Fashion-MNIST folder (default: $HASHAUDIT_FMNIST_DIR or "
                         "/usr/share/datasets/fashion-mnist)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes drawing and encoding images; the files do not depend on it")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -459,7 +461,8 @@ def cmd_data(argv: list[str]) -> int:
               desc="scenes") as bar:
         rec = write_scene_dataset(args.out, db_pool, q_pool, database=args.database,
                                   train=args.train, query=args.query, seed=args.seed,
-                                  fmt=args.format, params=params, progress=bar.update)
+                                  fmt=args.format, params=params, workers=args.workers,
+                                  progress=bar.update)
     seconds = time.perf_counter() - start
     total = args.database + args.query
     print(f"wrote {total} {args.size} px {args.format} scenes in {seconds:.1f} s "

@@ -44,6 +44,9 @@ On disk (:func:`write_scene_dataset`)::
 from __future__ import annotations
 
 import colorsys
+import functools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import hashlib
 import json
 import logging
@@ -235,10 +238,13 @@ def _tint(rng: np.random.Generator, background_luma: float) -> npt.NDArray[np.fl
 # ----------------------------------------------------------------------------- backgrounds
 
 
+@functools.lru_cache(maxsize=4)
 def _grid(size: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Pixel-centre coordinates in ``[0, 1)``: ``(X, Y)``, each ``(size, size)``."""
+    """Pixel-centre coordinates in ``[0, 1)``: ``(X, Y)``, each ``(size, size)``, read-only."""
     c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    return np.meshgrid(c, c)
+    x, y = np.meshgrid(c, c)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def _colour(rng: np.random.Generator) -> npt.NDArray[np.float32]:
@@ -295,7 +301,7 @@ def background(rng: np.random.Generator, size: int, kind: str | None = None
         raise ConfigError(f"unknown background kind {kind!r}; known: "
                           f"{', '.join(BACKGROUND_KINDS)}", field="kind")
     grain = rng.uniform(0.0, 0.04)
-    out = out + rng.normal(0.0, grain, size=out.shape).astype(np.float32)
+    out = out + rng.standard_normal(out.shape, dtype=np.float32) * np.float32(grain)
     return np.clip(out, 0.0, 1.0).astype(np.float32), kind
 
 
@@ -400,6 +406,11 @@ def plan_items(pool_size: int, n: int, seed: int, stream: int,
     return offsets, np.concatenate(rounds)[:total].astype(np.int64)
 
 
+def _scene_rng(seed: int, stream: int, index: int) -> np.random.Generator:
+    """The generator of scene ``index`` of a split (independent of the other scenes)."""
+    return np.random.default_rng([seed, stream, 1, index])
+
+
 def iter_scenes(pool: ArrayImageSet, n: int, seed: int, stream: int = 0,
                 params: SceneParams | None = None, start: int = 0) -> Iterator[Scene]:
     """Yield scenes ``start .. n - 1`` of a split of ``n`` scenes, in order.
@@ -422,8 +433,7 @@ def iter_scenes(pool: ArrayImageSet, n: int, seed: int, stream: int = 0,
     offsets, order = plan_items(len(pool), n, seed, stream, params)
     for i in range(start, n):
         ids = order[offsets[i]:offsets[i + 1]]
-        yield render_scene(np.random.default_rng([seed, stream, 1, i]), greys[ids],
-                           classes[ids], ids, params)
+        yield render_scene(_scene_rng(seed, stream, i), greys[ids], classes[ids], ids, params)
 
 
 def make_scene_set(pool: ArrayImageSet, n: int, seed: int, stream: int = 0,
@@ -458,6 +468,72 @@ def _save(pixels: npt.NDArray[np.uint8], path: Path, fmt: str) -> None:
         img.save(path, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
 
 
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Scenes ``start .. start + len(offsets) - 2`` of a split with everything needed to draw
+    and write them (picklable, so a worker process gets only its items)."""
+
+    split: str
+    seed: int
+    start: int
+    offsets: npt.NDArray[np.int64]
+    greys: npt.NDArray[np.uint8]
+    classes: npt.NDArray[np.int64]
+    ids: npt.NDArray[np.int64]
+    num_classes: int
+    params: SceneParams
+    root: str
+    fmt: str
+
+
+def _chunks(pool: ArrayImageSet, split: str, n: int, seed: int, params: SceneParams,
+            root: str, fmt: str) -> Iterator[_Chunk]:
+    greys, classes = _pool_arrays(pool)
+    offsets, order = plan_items(len(pool), n, seed, STREAMS[split], params)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        ids = order[offsets[start]:offsets[stop]]
+        yield _Chunk(split, seed, start, offsets[start:stop + 1] - offsets[start], greys[ids],
+                     classes[ids], ids, pool.num_classes, params, root, fmt)
+
+
+def _write_chunk(chunk: _Chunk) -> list[tuple[str, str]]:
+    """Draw and save one chunk; return its (list line, layout JSON line) pairs in order."""
+    rows = []
+    ext = IMAGE_FORMATS[chunk.fmt]
+    for j in range(len(chunk.offsets) - 1):
+        i = chunk.start + j
+        sl = slice(chunk.offsets[j], chunk.offsets[j + 1])
+        scene = render_scene(_scene_rng(chunk.seed, STREAMS[chunk.split], i), chunk.greys[sl],
+                             chunk.classes[sl], chunk.ids[sl], chunk.params)
+        rel = f"images/{chunk.split}/{i:06d}{ext}"
+        _save(scene.pixels, Path(chunk.root) / rel, chunk.fmt)
+        label = scene.labels(chunk.num_classes)
+        record = json.dumps({"path": rel, "split": chunk.split,
+                             "labels": np.flatnonzero(label).tolist(),
+                             "items": [it.to_json() for it in scene.items]})
+        rows.append((f"{rel} {' '.join(str(int(v)) for v in label)}", record))
+    return rows
+
+
+class _Inline:
+    """``executor.map`` in this process (``workers == 1``)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn: Callable[[_Chunk], list[tuple[str, str]]],
+            tasks: Iterator[_Chunk]) -> Iterator[list[tuple[str, str]]]:
+        return map(fn, tasks)
+
+
 def write_scene_dataset(
     out: PathLikeStr,
     database_pool: ArrayImageSet,
@@ -469,6 +545,7 @@ def write_scene_dataset(
     seed: int = 0,
     fmt: str = "png",
     params: SceneParams | None = None,
+    workers: int = 1,
     progress: Callable[[int], object] | None = None,
 ) -> dict[str, object]:
     """Render and write a scene data set in the DeepHash-pytorch list layout.
@@ -487,7 +564,9 @@ def write_scene_dataset(
         seed: Non-negative seed.
         fmt: ``"png"`` (lossless) or ``"jpeg"`` (quality 95, 4:4:4 chroma).
         params: Scene parameters (default :class:`SceneParams`).
-        progress: Called with 1 after each image is written.
+        workers: Processes that render and encode (``1``: this one). The files do not depend
+            on it.
+        progress: Called with the number of images written, after each chunk of them.
 
     Returns:
         The record written to ``dataset.json``.
@@ -506,6 +585,7 @@ def write_scene_dataset(
         raise ConfigError(f"train ({train}) cannot exceed database ({database}): the training "
                           "list is a subset of the database", field="train")
     seed = non_negative_int(seed, "seed")
+    workers = positive_int(workers, "workers")
     if list(database_pool.class_names) != list(query_pool.class_names):
         raise ConfigError("the database and query pools have different classes",
                           field="query_pool")
@@ -513,25 +593,20 @@ def write_scene_dataset(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(f"output folder {root} exists and is not empty; choose a new or "
                           "empty folder", field="out")
-    num_classes = database_pool.num_classes
-    ext = IMAGE_FORMATS[fmt]
     lines: dict[str, list[str]] = {"database": [], "query": []}
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LAYOUT_FILE, "w", encoding="utf-8") as layout:
+    context = multiprocessing.get_context("spawn")  # no fork of a process that loaded torch
+    with (open(root / LAYOUT_FILE, "w", encoding="utf-8") as layout,
+          ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else _Inline() as ex):
         for split, pool in (("database", database_pool), ("query", query_pool)):
-            folder = root / "images" / split
-            folder.mkdir(parents=True)
-            for i, scene in enumerate(iter_scenes(pool, counts[split], seed, STREAMS[split],
-                                                  params)):
-                rel = f"images/{split}/{i:06d}{ext}"
-                _save(scene.pixels, root / rel, fmt)
-                label = scene.labels(num_classes)
-                lines[split].append(f"{rel} {' '.join(str(int(v)) for v in label)}")
-                layout.write(json.dumps({"path": rel, "split": split,
-                                         "labels": np.flatnonzero(label).tolist(),
-                                         "items": [it.to_json() for it in scene.items]}) + "\n")
+            (root / "images" / split).mkdir(parents=True)
+            tasks = _chunks(pool, split, counts[split], seed, params, str(root), fmt)
+            for rows in ex.map(_write_chunk, tasks):
+                for line, record in rows:
+                    lines[split].append(line)
+                    layout.write(record + "\n")
                 if progress is not None:
-                    progress(1)
+                    progress(len(rows))
     pick = np.random.default_rng([seed, 2]).choice(counts["database"], counts["train"],
                                                     replace=False)
     lines["train"] = [lines["database"][k] for k in np.sort(pick)]
