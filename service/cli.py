@@ -430,7 +430,7 @@ def data_parser() -> argparse.ArgumentParser:
     s.add_argument("--query", type=int, default=1000, help="query scenes (test.txt)")
     s.add_argument("--seed", type=int, default=0, help="seed; same seed and options give "
                    "byte-identical files")
-    s.add_argument("--format", choices=list(IMAGE_FORMATS), default="png",
+    s.add_argument("--format", choices=list(IMAGE_FORMATS), default="png", metavar="FORMAT",
                    help="png (lossless) or jpeg (quality 95, as photo sets ship)")
     s.add_argument("--min-items", type=int, default=d.min_items, help="fewest items per scene")
     s.add_argument("--max-items", type=int, default=d.max_items, help="most items per scene")

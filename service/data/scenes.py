@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import colorsys
 import functools
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
