@@ -34,6 +34,9 @@ AUDIT_COMMANDS = {
     "backdoor": "a backdoor audit here: poison, retrain per poison count, t-MAP with the "
                 "trigger",
 }
+DATA_COMMANDS = {
+    "scenes": "make synthetic multi-label RGB scenes of Fashion-MNIST items as DeepHash lists",
+}
 
 
 def _open_bundle(ref: str, store: Path | None, device: str):
@@ -404,8 +407,73 @@ def _audit_backdoor(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_parser() -> argparse.ArgumentParser:
+    """``data scenes``: write a synthetic data set in the DeepHash-pytorch list layout."""
+    from service.data.scenes import IMAGE_FORMATS, SceneParams
+
+    d = SceneParams()
+    p = new_parser("hashaudit data", "Make data sets on disk, in the layouts users bring.")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    s = sub.add_parser(
+        "scenes", formatter_class=HelpFormatter, prog="hashaudit data scenes",
+        help=DATA_COMMANDS["scenes"],
+        description="Render RGB scenes of 1-4 tinted Fashion-MNIST items on random "
+                    "backgrounds (label = union of the items' classes) and write them with "
+                    "DeepHash-pytorch lists: database.txt, train.txt (a subset of the "
+                    "database), test.txt (queries), layout.jsonl and dataset.json. Database "
+                    "scenes use Fashion-MNIST train items, queries test items.")
+    s.add_argument("--out", type=Path, required=True, help="new or empty output folder")
+    s.add_argument("--size", type=int, default=d.size, help="image side in pixels")
+    s.add_argument("--database", type=int, default=10000, help="database scenes")
+    s.add_argument("--train", type=int, default=5000,
+                   help="training list size, a seeded subset of the database")
+    s.add_argument("--query", type=int, default=1000, help="query scenes (test.txt)")
+    s.add_argument("--seed", type=int, default=0, help="seed; same seed and options give "
+                   "byte-identical files")
+    s.add_argument("--format", choices=list(IMAGE_FORMATS), default="png", metavar="FORMAT",
+                   help="png (lossless) or jpeg (quality 95, as photo sets ship)")
+    s.add_argument("--min-items", type=int, default=d.min_items, help="fewest items per scene")
+    s.add_argument("--max-items", type=int, default=d.max_items, help="most items per scene")
+    s.add_argument("--root", type=Path, default=None,
+                   help="Fashion-MNIST folder (default: $HASHAUDIT_FMNIST_DIR or "
+                        "/usr/share/datasets/fashion-mnist)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes drawing and encoding images; the files do not depend on it")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_data(argv: list[str]) -> int:
+    """``hashaudit data scenes``: render a synthetic scene set to disk."""
+    import time
+
+    from tqdm import tqdm
+
+    from service.data.fashion_mnist import load_fashion_mnist
+    from service.data.scenes import LIST_FILES, SceneParams, write_scene_dataset
+
+    args = data_parser().parse_args(argv)
+    params = SceneParams(size=args.size, min_items=args.min_items, max_items=args.max_items)
+    db_pool = load_fashion_mnist(args.root, "train")
+    q_pool = load_fashion_mnist(args.root, "test")
+    start = time.perf_counter()
+    with tqdm(total=args.database + args.query, unit="img", disable=args.no_progress,
+              desc="scenes") as bar:
+        rec = write_scene_dataset(args.out, db_pool, q_pool, database=args.database,
+                                  train=args.train, query=args.query, seed=args.seed,
+                                  fmt=args.format, params=params, workers=args.workers,
+                                  progress=bar.update)
+    seconds = time.perf_counter() - start
+    total = args.database + args.query
+    print(f"wrote {total} {args.size} px {args.format} scenes in {seconds:.1f} s "
+          f"({total / seconds:.0f} img/s) to {args.out}: {LIST_FILES['database']} "
+          f"({args.database}), {LIST_FILES['train']} ({args.train}), {LIST_FILES['query']} "
+          f"({args.query}), {len(rec['class_names'])} classes")  # type: ignore[arg-type]
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attack": cmd_attack,
-            "serve": cmd_serve, "worker": cmd_worker, "audit": cmd_audit}
+            "serve": cmd_serve, "worker": cmd_worker, "audit": cmd_audit, "data": cmd_data}
 
 
 def command_lines() -> list[tuple[str, str]]:
@@ -413,7 +481,7 @@ def command_lines() -> list[tuple[str, str]]:
     ``train`` and ``audit`` list their subcommands."""
     from service.training.commands import TRAIN_COMMANDS
 
-    nested = {"train": TRAIN_COMMANDS, "audit": AUDIT_COMMANDS}
+    nested = {"train": TRAIN_COMMANDS, "audit": AUDIT_COMMANDS, "data": DATA_COMMANDS}
     out = []
     for name in COMMANDS:
         if name in nested:
