@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from service.api.app import AppState
+from service.api.state import AppState
 from service.errors import BundleError, Busy, UnknownName
 from service.inference import BundleService
 from service.store.modelstore import check_bundle_name

@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.jobs import tasks
+from service.jobs.context import JobContext, configure, context_from_settings
 from service.jobs.kv import MemoryKV
 from service.jobs.outage import TRANSIENT
 from service.jobs.spec import (
@@ -35,27 +36,6 @@ from service.jobs.store import FINAL, AuditStore
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "hashaudit"
-
-
-def redis_client(url: str) -> Any:
-    import redis
-
-    # socket_timeout: a Redis that stops answering (a cut network) fails calls after 10 s
-    # instead of hanging them; RQ raises it on workers above its blocking-pop timeout.
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10,
-                                health_check_interval=30)
-
-
-def context_from_settings(settings: Settings | None = None, models: Any = None) -> Any:
-    """A job context for this process from the settings (Redis when configured)."""
-    from service.device import resolve_device
-    from service.store import ModelStore
-
-    s = settings or get_settings()
-    kv = redis_client(s.redis_url) if s.redis_url else MemoryKV()
-    models = models or ModelStore(s.model_store, str(resolve_device(s.device)))
-    return tasks.JobContext(models=models, audits=AuditStore(kv, s.redis_prefix),
-                            max_pixels=s.max_pixels, artifact_dir=s.artifact_dir)
 
 
 class LocalRunner:
@@ -330,7 +310,7 @@ class AuditQueue:
 def make_audit_queue(settings: Settings, models: Any) -> AuditQueue:
     """Redis + RQ when ``redis_url`` is set, else the in-process runner."""
     ctx = context_from_settings(settings, models)
-    tasks.configure(ctx)
+    configure(ctx)
     if settings.redis_url:
         return AuditQueue(ctx, RQRunner(ctx.audits.kv, settings))
     return AuditQueue(ctx, LocalRunner())
@@ -343,8 +323,8 @@ def run_local_audit(models: Any, spec: dict[str, Any], max_pixels: int = 4096 * 
 
     Returns the queue (for ``status``) and the audit id.
     """
-    ctx = tasks.JobContext(models=models, audits=AuditStore(MemoryKV()), max_pixels=max_pixels,
+    ctx = JobContext(models=models, audits=AuditStore(MemoryKV()), max_pixels=max_pixels,
                            artifact_dir=artifact_dir)
-    tasks.configure(ctx)
+    configure(ctx)
     queue = AuditQueue(ctx, LocalRunner())
     return queue, queue.run_now(spec, progress=progress)

@@ -11,11 +11,8 @@ import base64
 import importlib
 import logging
 import math
-import threading
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +29,7 @@ from service.inference import (
     rmse_per_image,
     stretch_perturbation,
 )
+from service.jobs.context import JobContext, context
 from service.jobs.outage import TRANSIENT, retry
 from service.jobs.spec import (
     TRIGGER_CHUNK,
@@ -42,44 +40,13 @@ from service.jobs.spec import (
     query_positions,
     target_labels,
 )
-from service.jobs.store import FINAL, AuditStore, pack_arrays, unpack_arrays
+from service.jobs.store import FINAL, pack_arrays, unpack_arrays
 from service.nets.hasher import encode_uint8
 from service.retrieval.codes import pack_bits, unpack_bits
 from service.retrieval.metrics import map_at_k, targeted_map
 from service.retrieval.ranking import topk
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class JobContext:
-    """What tasks need in this process: loaded bundles and the audit store."""
-
-    models: Any  # service.store.ModelStore
-    audits: AuditStore
-    max_pixels: int = 4096 * 4096
-    artifact_dir: Path | None = None  # where backdoor audits write their poisoned bundles
-
-
-_ctx: JobContext | None = None
-_ctx_lock = threading.Lock()
-
-
-def configure(ctx: JobContext) -> None:
-    global _ctx
-    with _ctx_lock:
-        _ctx = ctx
-
-
-def context() -> JobContext:
-    """The process's context; a worker without one builds it from the settings."""
-    global _ctx
-    with _ctx_lock:
-        if _ctx is None:
-            from service.jobs.queue import context_from_settings
-
-            _ctx = context_from_settings()
-        return _ctx
 
 
 class Cancelled(Exception):

@@ -36,9 +36,9 @@ from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from service.config import Settings, get_settings
-from service.jobs import tasks
+from service.jobs.context import configure, context_from_settings
 from service.jobs.outage import OUTAGE, TRANSIENT, RateLimitFilter, retry, wait_until_up
-from service.jobs.queue import QUEUE_NAME, context_from_settings
+from service.jobs.queue import QUEUE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False,
             log.error("bundle %s not loaded: %s", bundle, exc)
     log.info("worker: bundles loaded: %s (device %s)", ", ".join(loaded) or "none",
              ctx.models.device)
-    tasks.configure(ctx)
+    configure(ctx)
     AuditWorker.heartbeat_interval = s.worker_heartbeat_s
     wait_until_up(ctx.audits.kv, doing="starting the worker")
     logging.getLogger("rq.worker").addFilter(_RQ_NOISE)

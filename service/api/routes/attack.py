@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.api.app import AppState
 from service.api.deps import get_state, require_api_key, service_for
 from service.api.responses import JSON
 from service.api.schemas import ERRORS, AttackResponse, EncodeResponse
+from service.api.state import AppState
 from service.errors import BadInput
 from service.inference import BundleService, Query, decode_upload
 

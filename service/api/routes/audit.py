@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, Response
 
-from service.api.app import AppState
 from service.api.deps import get_state, require_api_key, service_for
 from service.api.responses import JSON
 from service.api.schemas import ERRORS
+from service.api.state import AppState
 from service.errors import BadInput, UnknownName
 from service.jobs.report import render_html
 from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec, normalize_spec
