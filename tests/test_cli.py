@@ -186,10 +186,10 @@ def test_audit_run_defaults_to_the_api_method(tiny_store: Path, tiny_bundle,
     from service.inference import BundleService
     from service.jobs.spec import normalize_spec
 
-    api_default = normalize_spec(BundleService(tiny_bundle), {"queries": {"count": 4}},
-                                 max_queries=10)["methods"]
+    svc = BundleService(tiny_bundle)
+    api_default = normalize_spec(svc, {"queries": {"count": 4}}, max_queries=10)["methods"]
     out = tmp_path / "audit"
     assert main(["audit", "run", "--store", str(tiny_store), "--bundle", "tiny", "--count", "4",
                  "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [a["method"] for a in report["attacks"]] == api_default == ["untargeted_gan"]
+    assert [a["method"] for a in report["attacks"]] == api_default == [svc.default_method]
