@@ -20,7 +20,7 @@ from service.api.schemas import ERRORS
 from service.errors import BadInput, UnknownName
 from service.jobs.report import render_html
 from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec, normalize_spec
-from service.jobs.uploads import parse_query_archive, save_upload, upload_meta
+from service.jobs.uploads import ArchiveLimits, parse_query_archive, save_upload, upload_meta
 
 router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
 
@@ -226,10 +226,15 @@ async def upload_queries(
     state = get_state(request)
     svc = service_for(state, model)
     audits = _audits(state)
-    data = await archive.read()
-    if not data:
-        raise BadInput("archive: the uploaded file is empty", field="archive")
     names, labels, blobs = await run_in_threadpool(
-        parse_query_archive, data, svc.classes, state.settings.max_audit_queries)
+        _parse_upload, archive.file, svc.classes, ArchiveLimits.from_settings(state.settings))
     meta = await run_in_threadpool(save_upload, audits.store, svc.name, names, labels, blobs)
     return JSON(meta, status_code=201)
+
+
+def _parse_upload(f: Any, classes: list[str], limits: ArchiveLimits) -> Any:
+    """Runs in the thread pool: the archive is inflated and checked off the event loop."""
+    f.seek(0, 2)
+    if f.tell() == 0:
+        raise BadInput("archive: the uploaded file is empty", field="archive")
+    return parse_query_archive(f, classes, limits)
