@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -19,8 +21,21 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS
 from service.errors import BadInput, UnknownName
 from service.jobs.report import render_html
-from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec, normalize_spec
+from service.jobs.spec import (
+    BACKDOOR_DEFAULT_POISONS,
+    BATCH_MAX,
+    CHUNK_MAX,
+    COUNT_MAX,
+    EPOCHS_MAX,
+    PATCH_MAX,
+    SEED_MAX,
+    TRIGGER_STEPS_MAX,
+    normalize_backdoor_spec,
+    normalize_spec,
+)
 from service.jobs.uploads import ArchiveLimits, parse_query_archive, save_upload, upload_meta
+
+log = logging.getLogger("service.api")
 
 router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
 
@@ -29,28 +44,33 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 
 class QueriesSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    count: int | None = Field(None, ge=1, description="audit a seeded sample of this many of "
-                              "the bundle's queries; null = all")
-    seed: int | None = Field(None, description="sample seed (default: the audit's seed)")
+    count: int | None = Field(None, ge=1, le=COUNT_MAX, description="audit a seeded sample of "
+                              "this many of the bundle's queries; null = all")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX,
+                             description="sample seed (default: the audit's seed)")
     upload_id: str | None = Field(None, description="audit an uploaded set instead "
                                   "(POST /audit/uploads)")
 
 
+PoisonCount = Annotated[int, Field(ge=0, le=COUNT_MAX)]
+
+
 class BackdoorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target: int | str = Field(description="target class (index or name)")
-    poisons: int | list[int] = Field(
+    target: Annotated[int, Field(ge=0, le=COUNT_MAX)] | str = Field(
+        description="target class (index or name)")
+    poisons: PoisonCount | list[PoisonCount] = Field(
         list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images; one count or "
         "several (a model is retrained per count; 0, the clean baseline, is always added)")
-    patch: int | None = Field(None, ge=1, description="trigger side in pixels (default 10% "
-                              "of the width, at least 3)")
-    num_train: int | None = Field(None, ge=10, description="seeded subset of the bundle's "
-                                  "train split (default: all of it)")
-    epochs: int | None = Field(None, ge=1, le=1000,
+    patch: int | None = Field(None, ge=1, le=PATCH_MAX, description="trigger side in pixels "
+                              "(default 10% of the width, at least 3)")
+    num_train: int | None = Field(None, ge=10, le=COUNT_MAX, description="seeded subset of "
+                                  "the bundle's train split (default: all of it)")
+    epochs: int | None = Field(None, ge=1, le=EPOCHS_MAX,
                                description="training epochs (default: the bundle's recipe)")
     perturb_eps: float | str = Field("8/255", description="L-inf budget of the confusing "
                                      "perturbations")
-    trigger_steps: int | None = Field(None, ge=1, le=100_000,
+    trigger_steps: int | None = Field(None, ge=1, le=TRIGGER_STEPS_MAX,
                                       description="trigger optimisation steps (default 300)")
     save_bundles: bool = Field(True, description="freeze each poisoned hasher as a bundle "
                                "(GET /audit/{id}/bundles/{name} downloads it)")
@@ -73,10 +93,13 @@ class AuditRequest(BaseModel):
     eps: float | str | list[float | str] = Field(
         "8/255", description="one budget or a list for a robustness curve; 8/255 or 0.0314")
     queries: QueriesSpec = Field(default_factory=QueriesSpec)
-    top_k: int | None = Field(None, ge=1, description="mAP@K cut-off; null = whole gallery")
-    seed: int = Field(0, description="seeds random starts, targets and sampling")
-    chunk_size: int = Field(250, ge=1, le=5000, description="queries per chunk job")
-    batch_size: int | None = Field(None, ge=1, le=1024, description="images per forward pass")
+    top_k: int | None = Field(None, ge=1, le=COUNT_MAX,
+                              description="mAP@K cut-off; null = whole gallery")
+    seed: int = Field(0, ge=0, le=SEED_MAX,
+                      description="seeds random starts, targets and sampling")
+    chunk_size: int = Field(250, ge=1, le=CHUNK_MAX, description="queries per chunk job")
+    batch_size: int | None = Field(None, ge=1, le=BATCH_MAX,
+                                   description="images per forward pass")
     transfer_to: list[str] = Field(
         default_factory=list, max_length=16,
         description="other served bundles (same classes and input) to evaluate the adversarial "
@@ -141,15 +164,26 @@ def _backdoor_spec(svc: Any, body: AuditRequest) -> dict[str, Any]:
 
 @router.get("/audit", responses=ERRORS, summary="Recent audits (newest first)")
 async def list_audits(request: Request,
-                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JSON:
+                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Response:
     audits = _audits(get_state(request))
-    items = []
+    body = await run_in_threadpool(_listing, audits, limit)
+    return Response(body, media_type="application/json")
+
+
+def _listing(audits: Any, limit: int) -> bytes:
+    """The listing as JSON; each record is read and serialised on its own, so one that cannot
+    be (damaged in Redis, written by another version) is logged and left out, never fatal."""
+    parts = []
     for audit_id in audits.store.list(limit):
         try:
-            items.append(audits.status(audit_id, with_result=False))
+            parts.append(orjson.dumps(audits.status(audit_id, with_result=False),
+                                      option=orjson.OPT_SERIALIZE_NUMPY))
         except UnknownName:
             continue  # expired between listing and reading
-    return JSON({"audits": items})
+        except Exception as exc:  # noqa: BLE001 - one bad record must not hide the others
+            log.warning("audit listing: record %r skipped, unreadable (%s: %s)", audit_id,
+                        type(exc).__name__, str(exc)[:200])
+    return b'{"audits":[' + b",".join(parts) + b"]}"
 
 
 @router.get("/audit/{audit_id}", responses=ERRORS,
