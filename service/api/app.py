@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.api.batching import MicroBatcher
 from service.api.errors import install_error_handlers
+from service.api.head import HeadAsGetMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.config import Settings, get_settings
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_reject=metrics.error,
                        overrides={"/audit/uploads": settings.max_archive_bytes})

@@ -52,16 +52,14 @@ class QueriesSpec(BaseModel):
                                   "(POST /audit/uploads)")
 
 
-PoisonCount = Annotated[int, Field(ge=0, le=COUNT_MAX)]
-
-
 class BackdoorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target: Annotated[int, Field(ge=0, le=COUNT_MAX)] | str = Field(
-        description="target class (index or name)")
-    poisons: PoisonCount | list[PoisonCount] = Field(
-        list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images; one count or "
-        "several (a model is retrained per count; 0, the clean baseline, is always added)")
+    # the unions are range-checked by normalize_backdoor_spec, whose errors name the field
+    target: int | str = Field(description="target class (index 0 .. classes - 1, or name)")
+    poisons: int | list[int] = Field(
+        list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images (0 .. the "
+        "target class's training images); one count or several (a model is retrained per "
+        "count; 0, the clean baseline, is always added)")
     patch: int | None = Field(None, ge=1, le=PATCH_MAX, description="trigger side in pixels "
                               "(default 10% of the width, at least 3)")
     num_train: int | None = Field(None, ge=10, le=COUNT_MAX, description="seeded subset of "
