@@ -171,7 +171,7 @@ def test_archive_limits_apply_to_what_inflates(stack, query_png, case):
     """Every limit is checked while inflating (an archive of a few kB stands for one of a few
     MB that inflates to GB): 413 naming the setting, nothing stored, server alive."""
     data, name, setting = _bombs(query_png)[case]
-    assert len(data) < 200_000
+    assert len(data) < 400_000
     before = stack.redis.keys("hashaudit-test:upload:*")
     r = upload(stack.url, data, name)
     assert_error(r, 413, "archive", setting)
