@@ -341,31 +341,35 @@ def test_header_bomb_in_an_upload_fails_its_audit_once(stack, query_png):
 
 
 def test_liveness_answers_while_a_large_image_decodes(stack):
-    """A 13000x13000 PNG (170 kB, allowed here) takes the server a good part of a second to
-    decode. Decoded in the thread pool, the event loop answers many /health/live probes
-    meanwhile; decoded on the loop, the probes would all wait for the decode. Checked by
-    ordering (probes answered before the /encode answer came), not by a time bound."""
+    """A 13000x13000 PNG (170 kB, allowed here) takes the server most of its /encode time to
+    decode. Decoded in the thread pool, /health/live probes keep being answered at once
+    meanwhile; decoded on the event loop, one probe waits for the whole decode (measured: the
+    slowest probe took ~85% of the /encode time, against ~2% from the pool). The check compares
+    the two durations of the same run, so it holds on a slow or busy machine alike."""
     big = png_of(13_000, 13_000)
     assert len(big) < 300_000
     done = threading.Event()
     result: dict = {}
 
     def encode() -> None:
+        t0 = time.perf_counter()
         result["r"] = httpx.post(f"{stack.url}/encode", files={"image": ("big.png", big)},
-                                 timeout=120)
+                                 timeout=300)
+        result["seconds"] = time.perf_counter() - t0
         done.set()
 
-    with httpx.Client(base_url=stack.url, timeout=30) as client:
+    slowest, answered = 0.0, 0
+    with httpx.Client(base_url=stack.url, timeout=300) as client:
         assert client.get("/health/live").status_code == 200  # connection up
         thread = threading.Thread(target=encode)
         thread.start()
-        answered = 0
         while not done.is_set():
-            r = client.get("/health/live")
-            assert r.status_code == 200
-            if not done.is_set():
-                answered += 1
+            t0 = time.perf_counter()
+            assert client.get("/health/live").status_code == 200
+            slowest = max(slowest, time.perf_counter() - t0)
+            answered += 1
         thread.join()
     assert result["r"].status_code == 200, result["r"].text
     assert result["r"].json()["preprocess"]["received_size"] == [13_000, 13_000]
-    assert answered >= 20, answered
+    assert answered >= 5, answered
+    assert slowest < 0.25 * result["seconds"], (slowest, result["seconds"], answered)
