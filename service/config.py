@@ -33,7 +33,15 @@ class Settings(BaseSettings):
             thread inside ``hashaudit serve``.
         redis_prefix: prefix of every audit key in Redis.
         max_audit_queries: most queries one audit (or one upload) may hold.
-        max_archive_bytes: size limit of ``POST /audit/uploads`` (query archives).
+        max_archive_bytes: size limit of ``POST /audit/uploads`` (query archives), as sent
+            (compressed).
+        max_archive_unpacked_bytes: most bytes an upload's members may inflate to, all
+            together (and the most a compressed tar stream may inflate to); counted while
+            extracting, 413 past it.
+        max_archive_member_bytes: most bytes one archive member may inflate to (413).
+        max_archive_members: most entries (files, folders, links) in one archive (413).
+        max_list_lines: most lines, blank ones included, in an upload's list file (413).
+        max_list_line_bytes: longest line of an upload's list file, in bytes (413).
         chunk_timeout: seconds one chunk job may run before RQ stops it.
         chunk_retries: times a chunk is retried when its worker died.
         worker_heartbeat_s: a running chunk renews its lease this often (lease = 3 beats).
@@ -69,6 +77,11 @@ class Settings(BaseSettings):
     redis_prefix: str = "hashaudit"
     max_audit_queries: int = Field(20_000, ge=1)
     max_archive_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_archive_unpacked_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_archive_member_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_archive_members: int = Field(25_000, ge=2)
+    max_list_lines: int = Field(50_000, ge=1)
+    max_list_line_bytes: int = Field(4096, ge=64)
     chunk_timeout: int = Field(3600, ge=10)
     chunk_retries: int = Field(3, ge=0, le=100)
     worker_heartbeat_s: float = Field(2.0, gt=0.0)

@@ -1,6 +1,10 @@
 """Domain exceptions shared by the training package, the store and the service.
 
 Each carries an optional ``field`` so that the API layer can report which input was bad.
+They are also *permanent*: an audit chunk that raises one fails its audit at once with the
+message (``service.jobs.tasks.run_chunk``), while any other exception is taken for a fault of
+the machine and retried. So input-caused failures (a corrupt or oversized uploaded image, a
+bad spec) must surface as one of these, never as a library's own exception.
 """
 
 from __future__ import annotations

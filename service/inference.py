@@ -78,28 +78,75 @@ def sniff_image(data: bytes, field: str = "image") -> str:
         field=field)
 
 
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) an image's header claims, read without Pillow (PNG IHDR, JPEG SOFn);
+    None when the header does not say (Pillow then reads it and fails or not)."""
+    if fmt == "png":
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            h = int.from_bytes(data[i + 5:i + 7], "big")
+            w = int.from_bytes(data[i + 7:i + 9], "big")
+            return w, h
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _too_many_pixels(field: str, w: int, h: int, max_pixels: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{field}: image is {w}x{h} = {w * h} pixels; the limit is "
+                           f"{max_pixels} (HASHAUDIT_MAX_PIXELS)", field=field)
+
+
 def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixels: int,
                   field: str = "image") -> tuple[np.ndarray, dict[str, Any]]:
     """Decode PNG/JPEG bytes to the model input: ``uint8`` (C, H, W) and what was done.
 
-    The pixel count is checked from the header before any pixel is decoded, so a
-    decompression bomb costs nothing. The image is converted to the model's mode (``L`` or
-    ``RGB``) and, when its size differs, resized bilinearly to ``height`` x ``width``
-    (aspect ratio not kept). The first frame of an animated image is used.
+    The pixel count is checked from the header before any pixel is decoded (first from the
+    bytes themselves, then from what Pillow reads; Pillow's own decompression-bomb error or
+    warning is a 413 too), so a decompression bomb costs nothing. The image is converted to
+    the model's mode (``L`` or ``RGB``) and, when its size differs, resized bilinearly to
+    ``height`` x ``width`` (aspect ratio not kept). The first frame of an animated image is
+    used. Every failure is a :class:`BadImage` or :class:`PayloadTooLarge` naming ``field``:
+    callers (the API, audit chunks) can treat any other exception as a server fault.
     """
     fmt = sniff_image(data, field)
+    claimed = header_size(data, fmt)
+    if claimed is not None and claimed[0] * claimed[1] > max_pixels:
+        raise _too_many_pixels(field, *claimed, max_pixels)
     try:
         img = Image.open(io.BytesIO(data), formats=["PNG" if fmt == "png" else "JPEG"])
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{field}: {exc} (HASHAUDIT_MAX_PIXELS is {max_pixels})",
+                              field=field) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to parse user bytes is a bad image
         raise BadImage(f"{field}: cannot read the {fmt.upper()} header: {exc}",
                        field=field) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise BadImage(f"{field}: image has no pixels ({w}x{h})", field=field)
     if w * h > max_pixels:
-        raise PayloadTooLarge(
-            f"{field}: image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}",
-            field=field)
+        raise _too_many_pixels(field, w, h, max_pixels)
     mode = MODES[channels]
     try:
         img.load()
@@ -108,7 +155,12 @@ def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixel
         if resized:
             out = out.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(out, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{field}: {exc} (HASHAUDIT_MAX_PIXELS is {max_pixels})",
+                              field=field) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to decode user bytes is a bad image
         raise BadImage(f"{field}: cannot decode the {fmt.upper()} image: {exc}",
                        field=field) from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)

@@ -10,25 +10,50 @@ import numpy as np
 
 from service.errors import AttackInputError
 
+MAX_EPS_CHARS = 64
+MAX_INDEX_DIGITS = 9  # a class index has at most this many digits (no huge ints parsed)
+
+
+def _show(value: object, n: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def class_index(token: str, n_classes: int) -> int | None:
+    """``token`` as a class index if it is one: ASCII digits only (no '²', Arabic-Indic or
+    full-width digits, no sign, no spaces), within ``0 .. n_classes - 1``; else None."""
+    if not token.isascii() or not token.isdigit() or len(token) > MAX_INDEX_DIGITS:
+        return None
+    value = int(token)
+    return value if value < n_classes else None
+
 
 def eps_value(text: str | float, field: str = "eps") -> float:
     """'8/255', '0.0314' or a number -> float in (0, 1]; errors name ``field``."""
+    if isinstance(text, bool):
+        raise AttackInputError(f"{field}: {text!r} is not an eps (write 8/255 or 0.0314)",
+                               field=field)
     if isinstance(text, int | float):
-        value = float(text)
+        try:
+            value = float(text)
+        except OverflowError:
+            value = math.inf
     else:
         s = str(text).strip()
         try:
+            if not s.isascii() or len(s) > MAX_EPS_CHARS:
+                raise ValueError(s)
             if "/" in s:
                 num, den = s.split("/", 1)
                 value = float(num) / float(den)
             else:
                 value = float(s)
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError, OverflowError):
             raise AttackInputError(
-                f"{field}: {text!r} is not an eps (write 8/255 or 0.0314)", field=field
+                f"{field}: {_show(text)} is not an eps (write 8/255 or 0.0314)", field=field
             ) from None
     if not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise AttackInputError(f"{field}: must lie in (0, 1], got {text!r}", field=field)
+        raise AttackInputError(f"{field}: must lie in (0, 1], got {_show(text)}", field=field)
     return value
 
 
@@ -58,14 +83,15 @@ def label_vector(values: str | Iterable[str], class_names: Sequence[str],
     vec = np.zeros(len(names), np.uint8)
     tokens = label_tokens(values)
     for tok in tokens:
-        if tok.lstrip("+-").isdigit() and not tok.startswith(("+", "-")) and int(tok) < len(names):
-            vec[int(tok)] = 1
+        index = class_index(tok, len(names))
+        if index is not None:
+            vec[index] = 1
         elif tok in names:
             vec[names.index(tok)] = 1
         else:
             raise AttackInputError(
-                f"{field}: {tok!r} is neither a class index 0..{len(names) - 1} nor a class "
-                f"name ({', '.join(names)})", field=field)
+                f"{field}: {_show(tok)} is neither a class index 0..{len(names) - 1} (ASCII "
+                f"digits) nor a class name ({', '.join(names)})", field=field)
     if not tokens:
         raise AttackInputError(f"{field}: give at least one label (index or class name)",
                                field=field)

@@ -376,6 +376,42 @@ def test_api_keys(keyed_server):
     assert {"APIKeyHeader", "HTTPBearer"} <= set(docs["components"]["securitySchemes"])
 
 
+def test_every_presented_credential_must_be_valid(keyed_server):
+    """The documented rule: a wrong key is never outvoted by a right one beside it."""
+    url = f"{keyed_server.url}/models"
+    for headers, status in [
+        ({"X-API-Key": "wrong", "Authorization": "Bearer s3cret"}, 401),
+        ({"X-API-Key": "k1", "Authorization": "Bearer wrong"}, 401),
+        ({"X-API-Key": "k1", "Authorization": "Basic azE6azE="}, 401),
+        ({"X-API-Key": "", "Authorization": "Bearer s3cret"}, 401),
+        ({"Authorization": "Bearer "}, 401),
+        ({"X-API-Key": "k1", "Authorization": "Bearer s3cret"}, 200),
+        ({"X-API-Key": "s3cret", "Authorization": "bearer k1"}, 200),
+    ]:
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == status, (headers, r.text)
+        if status == 401:
+            assert_error(r, 401, None, "unauthorized")
+    assert httpx.head(url, headers={"X-API-Key": "wrong"}).status_code == 401
+
+
+def test_head_answers_on_get_routes(api_server, tiny_bundle):
+    """HEAD mirrors GET: same status and headers, no body; routes without GET stay 405."""
+    gid = int(tiny_bundle.gallery.ids[0])
+    for path in ("/health/live", "/health/ready", "/models", "/models/tiny", "/metrics",
+                 f"/gallery/tiny/{gid}.png", "/openapi.json"):
+        get = httpx.get(f"{api_server.url}{path}")
+        head = httpx.head(f"{api_server.url}{path}")
+        assert get.status_code == 200 and head.status_code == 200, (path, head.status_code)
+        assert head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+        if path not in ("/health/live", "/health/ready", "/metrics"):  # these change per call
+            assert head.headers["content-length"] == str(len(get.content)), path
+    assert httpx.head(f"{api_server.url}/models/nope").status_code == 404
+    r = httpx.head(f"{api_server.url}/attack")
+    assert r.status_code == 405 and r.content == b""
+
+
 def test_broken_bundle_is_skipped_and_reported(keyed_server):
     h = {"X-API-Key": "k1"}
     models = httpx.get(f"{keyed_server.url}/models", headers=h).json()

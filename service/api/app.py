@@ -13,6 +13,7 @@ from service import __version__
 from service.api.batching import MicroBatcher
 from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
+from service.api.head import HeadAsGetMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.shutdown import CancelledAsJSON
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     install_docs(app, with_api_keys=bool(settings.api_key_list))
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_reject=metrics.error,
                        overrides={"/audit/uploads": settings.max_archive_bytes})

@@ -27,16 +27,39 @@ async def require_api_key(
     key: str | None = Depends(_key_header),
     bearer: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> None:
-    """401 unless no keys are configured or one of them is presented."""
+    """401 unless no keys are configured, or at least one credential is presented and every
+    credential presented is valid.
+
+    Credentials are ``X-API-Key: <key>`` and ``Authorization: Bearer <key>``. When a request
+    carries both, both must be valid keys: a wrong one is never outvoted by a right one (and an
+    ``Authorization`` header of another scheme counts as a wrong credential). The two
+    dependencies above only document the schemes in OpenAPI; the raw headers decide.
+    """
     keys = get_state(request).settings.api_key_list
     if not keys:
         return
-    given = key or (bearer.credentials if bearer is not None else None)
-    if given and any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+    presented: list[str | None] = []
+    header_key = request.headers.get("x-api-key")
+    if header_key is not None:
+        presented.append(header_key.strip())
+    auth = request.headers.get("authorization")
+    if auth is not None:
+        scheme, _, cred = auth.strip().partition(" ")
+        presented.append(cred.strip() if scheme.lower() == "bearer" else None)
+    if presented and all(p and _known(p, keys) for p in presented):
         return
     raise HTTPException(
         401, "missing or invalid API key: send 'Authorization: Bearer <key>' or "
-             "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+             "'X-API-Key: <key>' (when both are sent, both must be valid)",
+        headers={"WWW-Authenticate": "Bearer"})
+
+
+def _known(given: str, keys: list[str]) -> bool:
+    """Constant-time comparison against every configured key."""
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(given.encode(), k.encode())
+    return found
 
 
 def service_for(state: AppState, model: str | None, field: str = "model") -> BundleService:

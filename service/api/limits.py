@@ -59,7 +59,8 @@ class BodyLimitMiddleware:
                 length = v
                 break
         if length is not None:
-            if length.isdigit() and int(length) > limit:
+            # (a number too long for int() is over any limit: never parse it)
+            if length.isdigit() and (len(length) > 18 or int(length) > limit):
                 await self._reject(receive, send, 0, True, limit)
                 return
             await self.app(scope, receive, send)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -49,6 +49,46 @@ def _resolve_entry(root: str, entry: str, list_file: Path, line_no: int) -> Path
             field="list_file",
         )
     return Path(joined)
+
+
+def parse_list_lines(lines: Iterable[str], source: object
+                     ) -> Iterator[tuple[int, str, list[int]]]:
+    """``(line number, path, label values)`` of each non-blank line, checked as it comes.
+
+    Shared by :func:`load_deephash_list` and the uploaded query sets of audits, so both read
+    the format the same way. ``source`` names the list in messages.
+
+    Raises:
+        CorruptData: a line has no label column, a label value other than ``0``/``1``, or
+            another number of label columns than the first entry (the message names the line).
+    """
+    num_columns: int | None = None
+    first_line = 0
+    for line_no, line in enumerate(lines, start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        entry, values = tokens[0], tokens[1:]
+        if not values:
+            raise CorruptData(
+                f"{source}, line {line_no}: no label columns after the path {entry!r}",
+                field="list_file",
+            )
+        if num_columns is None:
+            num_columns, first_line = len(values), line_no
+        elif len(values) != num_columns:
+            raise CorruptData(
+                f"{source}, line {line_no}: {len(values)} label columns, expected "
+                f"{num_columns} as on line {first_line}",
+                field="list_file",
+            )
+        bad = [v for v in values if v not in ("0", "1")]
+        if bad:
+            raise CorruptData(
+                f"{source}, line {line_no}: label value {bad[0][:20]!r} is not 0 or 1",
+                field="list_file",
+            )
+        yield line_no, entry, [1 if v == "1" else 0 for v in values]
 
 
 def load_deephash_list(
@@ -99,33 +139,10 @@ def load_deephash_list(
     rows: list[list[int]] = []
     line_numbers: list[int] = []
     num_columns: int | None = None
-    first_line = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        entry, values = tokens[0], tokens[1:]
-        if not values:
-            raise CorruptData(
-                f"{list_path}, line {line_no}: no label columns after the path {entry!r}",
-                field="list_file",
-            )
-        if num_columns is None:
-            num_columns, first_line = len(values), line_no
-        elif len(values) != num_columns:
-            raise CorruptData(
-                f"{list_path}, line {line_no}: {len(values)} label columns, expected "
-                f"{num_columns} as on line {first_line}",
-                field="list_file",
-            )
-        bad = [v for v in values if v not in ("0", "1")]
-        if bad:
-            raise CorruptData(
-                f"{list_path}, line {line_no}: label value {bad[0]!r} is not 0 or 1",
-                field="list_file",
-            )
+    for line_no, entry, values in parse_list_lines(text.splitlines(), list_path):
+        num_columns = len(values)
         paths.append(_resolve_entry(root, entry, list_path, line_no))
-        rows.append([int(v) for v in values])
+        rows.append(values)
         line_numbers.append(line_no)
 
     if num_columns is None:

@@ -15,6 +15,26 @@ MAX_EPS_VALUES = 16
 DEFAULT_CHUNK = 250
 EXAMPLES = 3
 
+# Ranges of every number an audit request carries (the API schema uses the same constants;
+# values outside them are refused before anything is stored). Seeds feed numpy and torch
+# generators, which take 0 .. 2**32 - 1 everywhere; counts stay far below what the store
+# (JSON, 64-bit integers) can hold.
+SEED_MAX = 2**32 - 1
+COUNT_MAX = 10_000_000  # queries.count, top_k, backdoor.num_train, backdoor.poisons
+CHUNK_MAX = 5000
+BATCH_MAX = 1024
+PATCH_MAX = 4096
+EPOCHS_MAX = 1000
+TRIGGER_STEPS_MAX = 100_000
+
+
+def _int_in(value: Any, lo: int, hi: int, field: str, what: str = "an integer") -> int:
+    """``value`` as an int in [lo, hi]; BadInput naming ``field`` otherwise (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise BadInput(f"{field}: {what} from {lo} to {hi}, got {shown}", field=field)
+    return value
+
 
 def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
                    upload: dict[str, Any] | None = None,
@@ -45,7 +65,7 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
     eps = [by_key[k] for k in sorted(by_key)]
 
     q = dict(raw.get("queries") or {})
-    seed = int(raw.get("seed", 0))
+    seed = _int_in(raw.get("seed", 0), 0, SEED_MAX, "seed")
     if upload is not None:
         total = int(upload["count"])
         count = total
@@ -56,25 +76,23 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
             raise BadInput("queries.upload_id: unknown upload", field="queries.upload_id")
         total = len(svc.bundle.queries)
         count = q.get("count")
-        count = total if count is None else int(count)
+        count = total if count is None else _int_in(count, 1, COUNT_MAX, "queries.count")
         if count < 1 or count > total:
             raise BadInput(f"queries.count: between 1 and {total} (the bundle's query split)",
                            field="queries.count")
-        q_seed = seed if q.get("seed") is None else int(q["seed"])
+        q_seed = seed if q.get("seed") is None else _int_in(q["seed"], 0, SEED_MAX,
+                                                            "queries.seed")
         queries = {"source": "bundle", "count": count, "seed": q_seed, "total": total}
     if count > max_queries:
         raise BadInput(f"queries: at most {max_queries} per audit (HASHAUDIT_MAX_AUDIT_QUERIES)",
                        field="queries")
     top_k = raw.get("top_k")
-    if top_k is not None and (int(top_k) < 1):
-        raise BadInput("top_k: a positive integer, or null for mAP over the whole gallery",
-                       field="top_k")
-    chunk = int(raw.get("chunk_size") or DEFAULT_CHUNK)
-    if not 1 <= chunk <= 5000:
-        raise BadInput("chunk_size: between 1 and 5000", field="chunk_size")
-    batch = int(raw.get("batch_size") or min(chunk, 100))
-    if not 1 <= batch <= 1024:
-        raise BadInput("batch_size: between 1 and 1024", field="batch_size")
+    if top_k is not None:
+        _int_in(top_k, 1, COUNT_MAX, "top_k", "null (mAP over the whole gallery) or an integer")
+    chunk = raw.get("chunk_size") or DEFAULT_CHUNK
+    _int_in(chunk, 1, CHUNK_MAX, "chunk_size")
+    batch = raw.get("batch_size") or min(chunk, 100)
+    _int_in(batch, 1, BATCH_MAX, "batch_size")
     for m in seen:
         if ATTACKS.get(m).targeted and len(svc.classes) < 2:
             raise AttackInputError(f"methods: {m} needs at least two classes", field="methods")
@@ -82,6 +100,9 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
     for name in raw.get("transfer_to") or []:
         if lookup is None:
             raise BadInput("transfer_to: not available here", field="transfer_to")
+        if name == svc.bundle.manifest.name:
+            raise BadInput(f"transfer_to: {name} is the audited model itself (its white-box "
+                           "rows are in the report already)", field="transfer_to")
         try:
             other = lookup(name)
         except UnknownName as exc:
@@ -90,7 +111,7 @@ def normalize_spec(svc: BundleService, raw: dict[str, Any], *, max_queries: int,
         if om.class_names != m0.class_names or om.input != m0.input:
             raise BadInput(f"transfer_to: {name} has other classes or another input spec than "
                            f"{m0.name}", field="transfer_to")
-        if name != m0.name and all(t["model"] != name for t in transfer):
+        if all(t["model"] != name for t in transfer):
             transfer.append({"model": name, "sha": other.sha})
     m = svc.bundle.manifest
     return {
@@ -109,11 +130,7 @@ MAX_POISON_LEVELS = 8
 
 def _opt_int(raw: dict[str, Any], key: str, lo: int, hi: int, field: str) -> int | None:
     v = raw.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise BadInput(f"{field}: an integer from {lo} to {hi}", field=field)
-    return v
+    return None if v is None else _int_in(v, lo, hi, field)
 
 
 def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +143,7 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
     from service.parsing import label_vector
 
     b = dict(raw.get("backdoor") or {})
+    seed = _int_in(raw.get("seed", 0), 0, SEED_MAX, "seed")
     bundle = svc.bundle
     m = bundle.manifest
     if "target" not in b or b["target"] in (None, ""):
@@ -140,8 +158,8 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
     except (KeyError, TypeError):
         raise BadInput(f"model: {m.name} records no hasher recipe to retrain",
                        field="model") from None
-    num_train = _opt_int(b, "num_train", 10, 10_000_000, "backdoor.num_train")
-    train = bundle.train_positions(num_train, int(raw.get("seed", 0)))
+    num_train = _opt_int(b, "num_train", 10, COUNT_MAX, "backdoor.num_train")
+    train = bundle.train_positions(num_train, seed)
     labels = bundle.gallery.labels[train]  # labels only: no image copies on the request path
     if len(train) == 0:
         raise BadInput(f"model: {m.name}'s gallery does not hold its train split",
@@ -161,8 +179,8 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
     poisons = sorted({0, *poisons_in})
     inp = m.input
     patch = _opt_int(b, "patch", 1, min(inp["height"], inp["width"]) - 1, "backdoor.patch")
-    epochs = _opt_int(b, "epochs", 1, 1000, "backdoor.epochs")
-    steps = _opt_int(b, "trigger_steps", 1, 100_000, "backdoor.trigger_steps")
+    epochs = _opt_int(b, "epochs", 1, EPOCHS_MAX, "backdoor.epochs")
+    steps = _opt_int(b, "trigger_steps", 1, TRIGGER_STEPS_MAX, "backdoor.trigger_steps")
     pe = b.get("perturb_eps", 8 / 255)
     try:
         perturb_eps = svc.check_eps(pe)
@@ -174,7 +192,7 @@ def normalize_backdoor_spec(svc: BundleService, raw: dict[str, Any]) -> dict[str
         raise BadInput("backdoor.save_bundles: true or false", field="backdoor.save_bundles")
     return {
         "type": "backdoor", "model": m.name, "bundle_version": m.version,
-        "bundle_sha": bundle.sha, "seed": int(raw.get("seed", 0)),
+        "bundle_sha": bundle.sha, "seed": seed,
         "backdoor": {"target": target, "target_name": svc.classes[target], "poisons": poisons,
                      "patch": patch, "num_train": num_train, "train_images": int(len(train)),
                      "target_train_images": n_target,

@@ -17,8 +17,6 @@ from service.inference import BundleService, Query, decode_upload
 
 router = APIRouter(tags=["attack"], dependencies=[Depends(require_api_key)])
 
-INLINE_DECODE_BYTES = 64 * 1024  # smaller uploads decode on the event loop (cheaper than a hop)
-
 ImageField = Annotated[UploadFile, File(description="PNG or JPEG (checked by content)")]
 ModelField = Annotated[str | None, Form(
     description="bundle name; empty = the server's default bundle", examples=["fmnist-dpsh-32"])]
@@ -27,13 +25,13 @@ TopKField = Annotated[int, Form(ge=1, description="gallery hits to return (max: 
 
 
 async def _decode(state: AppState, svc: BundleService, image: UploadFile) -> Query:
+    """Decode in the thread pool, whatever the byte size: a few kB of PNG may hold millions
+    of pixels, and the event loop must keep answering (``/health/live``) meanwhile."""
     data = await image.read()
     inp = svc.input
-    args = (data, inp["channels"], inp["height"], inp["width"], state.settings.max_pixels)
-    if len(data) <= INLINE_DECODE_BYTES:
-        pixels, info = decode_upload(*args)
-    else:
-        pixels, info = await run_in_threadpool(decode_upload, *args)
+    pixels, info = await run_in_threadpool(
+        decode_upload, data, inp["channels"], inp["height"], inp["width"],
+        state.settings.max_pixels)
     return Query(image=pixels, preprocess=info)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -18,9 +20,23 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS
 from service.api.state import AppState
 from service.errors import BadInput, UnknownName
+from service.jobs.outage import TRANSIENT
 from service.jobs.report import render_html
-from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec, normalize_spec
-from service.jobs.uploads import parse_query_archive, save_upload, upload_meta
+from service.jobs.spec import (
+    BACKDOOR_DEFAULT_POISONS,
+    BATCH_MAX,
+    CHUNK_MAX,
+    COUNT_MAX,
+    EPOCHS_MAX,
+    PATCH_MAX,
+    SEED_MAX,
+    TRIGGER_STEPS_MAX,
+    normalize_backdoor_spec,
+    normalize_spec,
+)
+from service.jobs.uploads import ArchiveLimits, parse_query_archive, save_upload, upload_meta
+
+log = logging.getLogger("service.api")
 
 router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
 
@@ -29,28 +45,31 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 
 class QueriesSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    count: int | None = Field(None, ge=1, description="audit a seeded sample of this many of "
-                              "the bundle's queries; null = all")
-    seed: int | None = Field(None, description="sample seed (default: the audit's seed)")
+    count: int | None = Field(None, ge=1, le=COUNT_MAX, description="audit a seeded sample of "
+                              "this many of the bundle's queries; null = all")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX,
+                             description="sample seed (default: the audit's seed)")
     upload_id: str | None = Field(None, description="audit an uploaded set instead "
                                   "(POST /audit/uploads)")
 
 
 class BackdoorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    target: int | str = Field(description="target class (index or name)")
+    # the unions are range-checked by normalize_backdoor_spec, whose errors name the field
+    target: int | str = Field(description="target class (index 0 .. classes - 1, or name)")
     poisons: int | list[int] = Field(
-        list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images; one count or "
-        "several (a model is retrained per count; 0, the clean baseline, is always added)")
-    patch: int | None = Field(None, ge=1, description="trigger side in pixels (default 10% "
-                              "of the width, at least 3)")
-    num_train: int | None = Field(None, ge=10, description="seeded subset of the bundle's "
-                                  "train split (default: all of it)")
-    epochs: int | None = Field(None, ge=1, le=1000,
+        list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images (0 .. the "
+        "target class's training images); one count or several (a model is retrained per "
+        "count; 0, the clean baseline, is always added)")
+    patch: int | None = Field(None, ge=1, le=PATCH_MAX, description="trigger side in pixels "
+                              "(default 10% of the width, at least 3)")
+    num_train: int | None = Field(None, ge=10, le=COUNT_MAX, description="seeded subset of "
+                                  "the bundle's train split (default: all of it)")
+    epochs: int | None = Field(None, ge=1, le=EPOCHS_MAX,
                                description="training epochs (default: the bundle's recipe)")
     perturb_eps: float | str = Field("8/255", description="L-inf budget of the confusing "
                                      "perturbations")
-    trigger_steps: int | None = Field(None, ge=1, le=100_000,
+    trigger_steps: int | None = Field(None, ge=1, le=TRIGGER_STEPS_MAX,
                                       description="trigger optimisation steps (default 300)")
     save_bundles: bool = Field(True, description="freeze each poisoned hasher as a bundle "
                                "(GET /audit/{id}/bundles/{name} downloads it)")
@@ -73,10 +92,13 @@ class AuditRequest(BaseModel):
     eps: float | str | list[float | str] = Field(
         "8/255", description="one budget or a list for a robustness curve; 8/255 or 0.0314")
     queries: QueriesSpec = Field(default_factory=QueriesSpec)
-    top_k: int | None = Field(None, ge=1, description="mAP@K cut-off; null = whole gallery")
-    seed: int = Field(0, description="seeds random starts, targets and sampling")
-    chunk_size: int = Field(250, ge=1, le=5000, description="queries per chunk job")
-    batch_size: int | None = Field(None, ge=1, le=1024, description="images per forward pass")
+    top_k: int | None = Field(None, ge=1, le=COUNT_MAX,
+                              description="mAP@K cut-off; null = whole gallery")
+    seed: int = Field(0, ge=0, le=SEED_MAX,
+                      description="seeds random starts, targets and sampling")
+    chunk_size: int = Field(250, ge=1, le=CHUNK_MAX, description="queries per chunk job")
+    batch_size: int | None = Field(None, ge=1, le=BATCH_MAX,
+                                   description="images per forward pass")
     transfer_to: list[str] = Field(
         default_factory=list, max_length=16,
         description="other served bundles (same classes and input) to evaluate the adversarial "
@@ -141,19 +163,28 @@ def _backdoor_spec(svc: Any, body: AuditRequest) -> dict[str, Any]:
 
 @router.get("/audit", responses=ERRORS, summary="Recent audits (newest first)")
 async def list_audits(request: Request,
-                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JSON:
+                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Response:
     audits = _audits(get_state(request))
+    body = await run_in_threadpool(_listing, audits, limit)
+    return Response(body, media_type="application/json")
 
-    def recent() -> list[dict[str, Any]]:
-        items = []
-        for audit_id in audits.store.list(limit):
-            try:
-                items.append(audits.status(audit_id, with_result=False))
-            except UnknownName:
-                continue  # expired between listing and reading
-        return items
 
-    return JSON({"audits": await run_in_threadpool(recent)})
+def _listing(audits: Any, limit: int) -> bytes:
+    """The listing as JSON; each record is read and serialised on its own, so one that cannot
+    be (damaged in Redis, written by another version) is logged and left out, never fatal."""
+    parts = []
+    for audit_id in audits.store.list(limit):
+        try:
+            parts.append(orjson.dumps(audits.status(audit_id, with_result=False),
+                                      option=orjson.OPT_SERIALIZE_NUMPY))
+        except UnknownName:
+            continue  # expired between listing and reading
+        except TRANSIENT:
+            raise  # Redis went away: the whole listing answers 503, not a partial list
+        except Exception as exc:  # noqa: BLE001 - one bad record must not hide the others
+            log.warning("audit listing: record %r skipped, unreadable (%s: %s)", audit_id,
+                        type(exc).__name__, str(exc)[:200])
+    return b'{"audits":[' + b",".join(parts) + b"]}"
 
 
 @router.get("/audit/{audit_id}", responses=ERRORS,
@@ -231,10 +262,15 @@ async def upload_queries(
     state = get_state(request)
     svc = service_for(state, model)
     audits = _audits(state)
-    data = await archive.read()
-    if not data:
-        raise BadInput("archive: the uploaded file is empty", field="archive")
     names, labels, blobs = await run_in_threadpool(
-        parse_query_archive, data, svc.classes, state.settings.max_audit_queries)
+        _parse_upload, archive.file, svc.classes, ArchiveLimits.from_settings(state.settings))
     meta = await run_in_threadpool(save_upload, audits.store, svc.name, names, labels, blobs)
     return JSON(meta, status_code=201)
+
+
+def _parse_upload(f: Any, classes: list[str], limits: ArchiveLimits) -> Any:
+    """Runs in the thread pool: the archive is inflated and checked off the event loop."""
+    f.seek(0, 2)
+    if f.tell() == 0:
+        raise BadInput("archive: the uploaded file is empty", field="archive")
+    return parse_query_archive(f, classes, limits)
