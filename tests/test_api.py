@@ -384,7 +384,7 @@ def test_every_presented_credential_must_be_valid(keyed_server):
         ({"X-API-Key": "k1", "Authorization": "Bearer wrong"}, 401),
         ({"X-API-Key": "k1", "Authorization": "Basic azE6azE="}, 401),
         ({"X-API-Key": "", "Authorization": "Bearer s3cret"}, 401),
-        ({"Authorization": "Bearer "}, 401),
+        ({"Authorization": "Bearer"}, 401),
         ({"X-API-Key": "k1", "Authorization": "Bearer s3cret"}, 200),
         ({"X-API-Key": "s3cret", "Authorization": "bearer k1"}, 200),
     ]:
