@@ -47,7 +47,7 @@ DEFAULT_EPS = 8 / 255
 FALLBACK_MAX_EPS = 0.1  # bundles without a trained generator
 # The default /attack method of a bundle whose manifest declares none (extra.default_method).
 # PGD needs no labels and no trained generator, so it runs on every bundle, and on the shipped
-# bundle it changes the code of 30 of the first 30 test images at 8/255 in about 80 ms on one
+# bundle it changes the code of 30 of the first 30 test images at 8/255 in about 0.1 s on one
 # CPU thread, where its generators change 16-18 (benchmarks/default_method.py).
 RULE_DEFAULT_METHOD = "pgd"
 # Methods a "nothing changed" note suggests, strongest first on the shipped bundle
@@ -303,14 +303,16 @@ class BundleService:
 
         A bundle may declare it in its manifest (``extra.default_method``, e.g. a generator
         measured to be strong enough); otherwise :data:`RULE_DEFAULT_METHOD`. A declared name
-        this bundle cannot run is ignored with a warning.
+        this bundle cannot run, or a targeted one (a request without a target could not run
+        it), is ignored with a warning.
         """
         declared = extra.get("default_method")
         if declared:
-            if declared in self._methods:
+            if declared in self._methods and not ATTACKS.get(declared).targeted:
                 return str(declared), "manifest"
-            log.warning("bundle %s declares default_method %r, which it cannot run; using %s",
-                        self.bundle.name, declared, RULE_DEFAULT_METHOD)
+            log.warning("bundle %s declares default_method %r, which is not an untargeted "
+                        "method it can run; using %s", self.bundle.name, declared,
+                        RULE_DEFAULT_METHOD)
         return RULE_DEFAULT_METHOD, "rule"
 
     @property

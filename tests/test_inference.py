@@ -113,6 +113,8 @@ def test_default_method_rule_and_manifest_declaration(tiny_bundle, tiny_bundle_c
     # untargeted_gan needs labels: without them the trained label-free generator runs
     assert declared.check_method(None, has_labels=False) == declared.label_free_method == "uaa_gan"
     assert declared.summary()["default_method_source"] == "manifest"
+    _declare_default(tiny_bundle_copy, "targeted_gan")  # needs a target: not a default
+    assert BundleService(load_bundle(tiny_bundle_copy)).default_method_source == "rule"
     _declare_default(tiny_bundle_copy, "saliency_gan_missing")
     fallback = BundleService(load_bundle(tiny_bundle_copy))
     assert (fallback.default_method, fallback.default_method_source) == ("pgd", "rule")
