@@ -12,7 +12,7 @@ from helpers import REDIS_TEST_URL, TINY_ARGS, TINY_GENERATOR_ARGS, needs_fmnist
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("HASHAUDIT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
