@@ -40,7 +40,7 @@ TARGETS = {
 
 def prepare(store: Path, surrogate: str) -> None:
     """Train whatever the benchmark needs and is missing (minutes on a CPU)."""
-    from service.training.cli import main as train
+    from service.training.train_cli import main as train
 
     store.mkdir(parents=True, exist_ok=True)
     if not (store / surrogate).is_dir():

@@ -123,7 +123,7 @@ def cmd_bundles(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from service.training.cli import main as train_main
+    from service.training.train_cli import main as train_main
 
     return train_main(argv)
 

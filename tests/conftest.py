@@ -20,7 +20,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store with one tiny bundle, ``tiny`` (16 bits, 1000 database, 100 queries), with both
     UntargetedGAN generators, the label-free UAA-GAN, the targeted and the saliency generator."""
     needs_fmnist()
-    from service.training.cli import main
+    from service.training.train_cli import main
 
     store = tmp_path_factory.mktemp("store")
     assert main([*TINY_ARGS, "--store", str(store)]) == 0

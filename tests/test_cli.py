@@ -101,7 +101,7 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def leaf_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every parser a user reaches: ``eval``, ..., ``train hasher``, ``audit run``, ..."""
     from service import cli
-    from service.training.cli import build_parser
+    from service.training.train_cli import build_parser
 
     tops = {"train": build_parser(), "eval": cli.eval_parser(), "bundles": cli.bundles_parser(),
             "attack": cli.attack_parser(), "serve": cli.serve_parser(),

@@ -15,7 +15,7 @@ from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.head import HeadAsGetMiddleware
 from service.api.limits import BodyLimitMiddleware
-from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.prometheus import Metrics, MetricsMiddleware
 from service.api.shutdown import CancelledAsJSON
 from service.api.state import AppState
 from service.config import Settings, get_settings

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.api.batching import MicroBatcher
-from service.api.metrics import Metrics
+from service.api.prometheus import Metrics
 from service.config import Settings
 from service.errors import HashAuditError
 from service.inference import BundleService

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings, get_settings
+from service.jobs.audit_store import AuditStore
 from service.jobs.kv import MemoryKV
-from service.jobs.store import AuditStore
 
 
 @dataclass

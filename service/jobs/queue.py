@@ -21,6 +21,7 @@ from typing import Any
 
 from service.config import Settings
 from service.jobs import tasks
+from service.jobs.audit_store import FINAL, AuditStore
 from service.jobs.context import JobContext, configure, context_from_settings
 from service.jobs.kv import MemoryKV
 from service.jobs.outage import TRANSIENT
@@ -31,7 +32,6 @@ from service.jobs.spec import (
     n_query_chunks,
     parse_chunk,
 )
-from service.jobs.store import FINAL, AuditStore
 
 log = logging.getLogger(__name__)
 

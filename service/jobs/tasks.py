@@ -29,6 +29,7 @@ from service.inference import (
     rmse_per_image,
     stretch_perturbation,
 )
+from service.jobs.audit_store import FINAL, pack_arrays, unpack_arrays
 from service.jobs.context import JobContext, context
 from service.jobs.outage import TRANSIENT, retry
 from service.jobs.spec import (
@@ -40,7 +41,6 @@ from service.jobs.spec import (
     query_positions,
     target_labels,
 )
-from service.jobs.store import FINAL, pack_arrays, unpack_arrays
 from service.nets.hasher import encode_uint8
 from service.retrieval.codes import pack_bits, unpack_bits
 from service.retrieval.metrics import map_at_k, targeted_map

@@ -36,7 +36,7 @@ import numpy as np
 
 from service.data.deephash_list import parse_list_lines
 from service.errors import BadInput, HashAuditError, PayloadTooLarge, UnknownName
-from service.jobs.store import AuditStore
+from service.jobs.audit_store import AuditStore
 
 UPLOAD_TTL = 7 * 24 * 3600
 LIST_NAMES = ("labels.txt", "list.txt", "queries.txt")

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from service.errors import ConfigError
+from service.jobs.audit_store import pack_arrays, unpack_arrays
 from service.jobs.context import JobContext
 from service.jobs.spec import TRIGGER_CHUNK, parse_backdoor_chunk
-from service.jobs.store import pack_arrays, unpack_arrays
 from service.jobs.tasks import Cancelled, check_bundle
 from service.retrieval.metrics import targeted_map
 from service.training.backdoor import (

@@ -1,7 +1,7 @@
 """`hashaudit train backdoor` (one poisoned and one clean model) on the tiny real bundle.
 
 The backdoor's effect (the trigger raising t-MAP on the poisoned model only) is asserted on
-the same functions through the audit job in tests/test_backdoor_audit.py; here a short run
+the same functions through the audit job in tests/jobs/test_backdoor_audit.py; here a short run
 checks the command, its report and the frozen bundle."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from service.store import load_bundle
-from service.training.cli import main as train
+from service.training.train_cli import main as train
 
 
 def test_train_backdoor_writes_report_and_flagged_bundle(tiny_store: Path, tmp_path):
