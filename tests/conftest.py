@@ -16,15 +16,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _test_threads() -> int:
-    """Torch threads of the test process: ``HASHAUDIT_TEST_THREADS``, or by default 2 on an
-    idle machine with 2+ cores and 1 on a busy one (two threads competing with other work
-    thrash: the tiny bundle trained in 37 s idle and 491 s under a load of 5; 1 thread
-    degrades gracefully)."""
-    asked = os.environ.get("HASHAUDIT_TEST_THREADS", "auto")
-    if asked != "auto":
-        return max(1, int(asked))
-    cores = os.cpu_count() or 1
-    return 2 if cores >= 2 and os.getloadavg()[0] < 0.5 * cores else 1
+    """Torch threads of the test process: ``HASHAUDIT_TEST_THREADS``, default 1. The test
+    process shares 2 cores with the servers and workers it starts, and two torch threads lose:
+    full suite from a fresh clone 453 s with 1 thread, 505 s with 2; the tiny bundle alone took
+    491 s with 2 threads on a machine under a load of 5 (37 s idle)."""
+    return max(1, int(os.environ.get("HASHAUDIT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

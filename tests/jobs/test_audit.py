@@ -187,6 +187,11 @@ def test_worker_killed_mid_audit_is_recovered(stack, reference, redis_db):
             time.sleep(0.02)
         assert killed_job, "worker finished before it could be killed"
         a.wait(10)
+        # The job listed before the kill may have finished in the meantime: the chunk the
+        # worker died in is the one its registry still holds now that it is dead.
+        held = [j for j in reg.get_job_ids(cleanup=False) if audit_id in j]
+        assert len(held) == 1, f"the dead worker held {held}"
+        killed_job = held[0]
         queued_behind = [j for j in queue.get_job_ids() if audit_id in j]
         assert queued_behind, "no chunk left queued behind the killed one"
         done_before = httpx.get(f"{stack.url}/audit/{audit_id}").json()["progress"]
