@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine, print_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
 from service.attacks import ATTACKS  # noqa: E402
 from service.attacks.runner import attack_batch  # noqa: E402
 from service.config import get_settings  # noqa: E402
@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--steps", type=int, default=20, help="iterations of iterative methods")
     p.add_argument("--out", type=Path, default=None)
+    add_device_arg(p)
     args = p.parse_args(argv)
+    device = pick_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     settings = get_settings()
-    bundle = ModelStore(settings.model_store, "cpu").get(args.bundle or settings.default_bundle)
+    bundle = ModelStore(settings.model_store, device).get(args.bundle or settings.default_bundle)
     q = bundle.queries
     n = args.num_queries or len(q)
     images, labels = q.images[:n], q.labels[:n]
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_curves(clean, ok, eps, path)
         plots.append(str(path))
     write_json("attacks", {
-        "machine": machine(), "bundle": bundle.name, "sha": bundle.sha,
+        "machine": machine(device), "bundle": bundle.name, "sha": bundle.sha,
         "protocol": protocol_record(), "queries": n, "clean": clean, "rows": rows,
         "table": table, "plots": plots, "uint8_rounded": True,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),

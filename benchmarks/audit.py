@@ -23,7 +23,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, wait_ready, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402  # noqa: E402
+    add_device_arg,
+    machine,
+    pick_device,
+    print_table,
+    wait_ready,
+    write_json,
+)
 from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.spec import normalize_spec  # noqa: E402
@@ -44,11 +51,13 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     p.add_argument("--port", type=int, default=8795)
+    add_device_arg(p)
     p.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    models = ModelStore(args.store, "cpu")
+    device = pick_device(args.device)
+    models = ModelStore(args.store, device)
     svc = BundleService(models.get(args.model))
     methods = args.methods or [*svc.generators, "pgd"]
     raw = {"model": args.model, "methods": methods, "eps": args.eps,
@@ -64,7 +73,7 @@ def main() -> int:
     r.flushdb()
     env = {**os.environ, "HASHAUDIT_MODEL_STORE": str(args.store),
            "HASHAUDIT_DEFAULT_BUNDLE": args.model, "HASHAUDIT_REDIS_URL": args.redis_url,
-           "HASHAUDIT_DEVICE": "cpu"}
+           "HASHAUDIT_DEVICE": device}
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
                                str(args.port), "--no-access-log", "--log-level", "warning"],
                               env=env, cwd=REPO)
@@ -125,7 +134,7 @@ def main() -> int:
           f"in-process: {t_local:.1f} s ({n_images / t_local:.0f} img/s); "
           f"queue overhead {overhead:+.1f}%")
     write_json("audit", {
-        "machine": machine(), "model": args.model, "spec": spec, "images": n_images,
+        "machine": machine(device), "model": args.model, "spec": spec, "images": n_images,
         "wall_queue_s": t_queue, "wall_queue_client_s": t_client,
         "wall_in_process_s": t_local, "overhead_pct": overhead,
         "clean_map": via_queue["clean"]["map_k"], "rows": rows, "table": table,

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine, print_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
 from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.report import _backdoor_plot, render_html  # noqa: E402
@@ -43,8 +43,10 @@ def main() -> int:
     p.add_argument("--patch", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="backdoor", help="results file stem (JSON, PNG, HTML)")
+    add_device_arg(p)
     args = p.parse_args()
-    store = ModelStore(REPO / "model_store", "cpu")
+    device = pick_device(args.device)
+    store = ModelStore(REPO / "model_store", device)
     svc = BundleService(store.get(args.bundle))
     spec = normalize_backdoor_spec(svc, {"seed": args.seed, "backdoor": {
         "target": args.target, "poisons": args.poisons, "num_train": args.num_train,
@@ -77,7 +79,7 @@ def main() -> int:
     (RESULTS / f"{args.name}.png").write_bytes(base64.b64decode(_backdoor_plot(r)))
     (RESULTS / f"{args.name}.html").write_text(render_html(status))
     write_json(args.name, {
-        "machine": machine(), "bundle": args.bundle, "target": r["target_name"],
+        "machine": machine(device), "bundle": args.bundle, "target": r["target_name"],
         "patch": r["patch_side"], "num_train": r["train_images"], "epochs": r["epochs"],
         "surrogate": r["surrogate"], "seconds": time.perf_counter() - t0, "rows": rows,
         "table": table})

@@ -15,13 +15,28 @@ import service
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    dev = "cpu"
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name(0)
+def add_device_arg(parser: Any) -> None:
+    """``--device``: where the benchmark runs (recorded with its figures)."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N "
+                             "(default: %(default)s)")
+
+
+def pick_device(name: str) -> str:
+    """The torch device string for ``--device`` (a clear error for CUDA without a GPU)."""
+    from service.device import resolve_device
+
+    return str(resolve_device(name))
+
+
+def machine(device: str | None = None) -> dict[str, Any]:
+    """What the figures were measured on: the device they ran on (``device``; by default the
+    one ``auto`` would pick) and the host."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "cpu"
     return {
         "device": dev,
+        "device_name": name,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, machine, print_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
 from service.attacks import ATTACKS  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.data.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -72,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=parse_eps, default=8 / 255)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS / "default_method.json")
+    add_device_arg(p)
     args = p.parse_args(argv)
+    device = pick_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = get_settings()
-    store = ModelStore(settings.model_store, device="cpu")
+    store = ModelStore(settings.model_store, device=device)
     bundle = store.get(args.bundle or settings.default_bundle)
     svc = BundleService(bundle, seed=settings.attack_seed)
     images, labels, source = test_images(bundle, args.count)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "default_method": svc.default_method,
         "default_method_source": svc.default_method_source,
         "bar": f"default changes >= {BAR * args.count:.0f} of {args.count} codes",
-        "machine": machine(), "rows": rows,
+        "machine": machine(device), "rows": rows,
     }, args.out)
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
 from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.spec import normalize_spec  # noqa: E402
@@ -36,8 +36,10 @@ def main() -> int:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--eps", nargs="+", default=["8/255", "16/255"])
     p.add_argument("--out", type=Path, default=None)
+    add_device_arg(p)
     args = p.parse_args()
-    models = ModelStore(args.store, "cpu")
+    device = pick_device(args.device)
+    models = ModelStore(args.store, device)
     svc = BundleService(models.get(args.bundle))
     methods = [m for m in UNTARGETED + TARGETED if m in svc.methods()]
     spec = normalize_spec(svc, {"methods": methods, "eps": args.eps,
@@ -69,7 +71,7 @@ def main() -> int:
         ("after", "t-MAP attacked", ".4f"), ("anchor", "ceiling: anchor code", ".4f"),
         ("proto", "ceiling: prototype code", ".4f"), ("map", "mAP@all (true labels)", ".4f"),
         ("ms", "ms/img", ".2f")])
-    write_json("families", {"machine": machine(), "bundle": args.bundle, "clean_map": clean,
+    write_json("families", {"machine": machine(device), "bundle": args.bundle, "clean_map": clean,
                             "untargeted": rows_u, "targeted": rows_t, "seconds": seconds,
                             "tables": [t1, t2]}, args.out)
     return 0

@@ -8,12 +8,14 @@ FastAPI.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +118,21 @@ def _too_many_pixels(field: str, w: int, h: int, max_pixels: int) -> PayloadTooL
                            f"{max_pixels} (HASHAUDIT_MAX_PIXELS)", field=field)
 
 
+@contextlib.contextmanager
+def _pillow_errors(field: str, what: str, max_pixels: int) -> Iterator[None]:
+    """Map Pillow's failures on user bytes: its bomb check to a 413, anything else to a
+    BadImage naming ``field`` (out of memory stays an error of the server)."""
+    try:
+        yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{field}: {exc} (HASHAUDIT_MAX_PIXELS is {max_pixels})",
+                              field=field) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to parse user bytes is a bad image
+        raise BadImage(f"{field}: {what}: {exc}", field=field) from None
+
+
 def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixels: int,
                   field: str = "image") -> tuple[np.ndarray, dict[str, Any]]:
     """Decode PNG/JPEG bytes to the model input: ``uint8`` (C, H, W) and what was done.
@@ -132,37 +149,21 @@ def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixel
     claimed = header_size(data, fmt)
     if claimed is not None and claimed[0] * claimed[1] > max_pixels:
         raise _too_many_pixels(field, *claimed, max_pixels)
-    try:
+    with _pillow_errors(field, f"cannot read the {fmt.upper()} header", max_pixels):
         img = Image.open(io.BytesIO(data), formats=["PNG" if fmt == "png" else "JPEG"])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{field}: {exc} (HASHAUDIT_MAX_PIXELS is {max_pixels})",
-                              field=field) from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure to parse user bytes is a bad image
-        raise BadImage(f"{field}: cannot read the {fmt.upper()} header: {exc}",
-                       field=field) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise BadImage(f"{field}: image has no pixels ({w}x{h})", field=field)
     if w * h > max_pixels:
         raise _too_many_pixels(field, w, h, max_pixels)
     mode = MODES[channels]
-    try:
+    resized = (w, h) != (width, height)
+    with _pillow_errors(field, f"cannot decode the {fmt.upper()} image", max_pixels):
         img.load()
         out = img.convert(mode) if img.mode != mode else img
-        resized = (w, h) != (width, height)
         if resized:
             out = out.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(out, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{field}: {exc} (HASHAUDIT_MAX_PIXELS is {max_pixels})",
-                              field=field) from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure to decode user bytes is a bad image
-        raise BadImage(f"{field}: cannot decode the {fmt.upper()} image: {exc}",
-                       field=field) from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     info = {
         "format": fmt, "received_size": [w, h], "received_mode": img.mode,
