@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from service.data.sources import load_source, materialize  # noqa: E402
 from service.data.splits import SplitSpec, make_splits  # noqa: E402
 from service.evaluation import protocol_record, retrieval_figures  # noqa: E402
 from service.training.bundle_builder import read_config  # noqa: E402
 from service.training.hasher import HasherConfig, encode, train_hasher  # noqa: E402
-from service.training.sources import load_source, materialize  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -115,14 +115,12 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, second
 def in_process(svc: BundleService, pngs: list[bytes], labels: np.ndarray, kind: str,
                method: str | None, eps: float, batch: int, seconds: float) -> dict[str, Any]:
     """Same pipeline without HTTP: decode each PNG, run batches of ``batch``, dump JSON."""
-    inp = svc.input
     n_done, t0 = 0, time.perf_counter()
     i = 0
     while time.perf_counter() - t0 < seconds:
         queries = []
         for _ in range(batch):
-            pixels, info = decode_upload(pngs[i % len(pngs)], inp["channels"], inp["height"],
-                                         inp["width"], 1 << 24)
+            pixels, info = decode_upload(pngs[i % len(pngs)], svc.transform, 1 << 24)
             queries.append(Query(pixels, labels[i % len(pngs)], None, 10, info))
             i += 1
         out = (svc.attack(method, eps, queries) if kind == "attack"

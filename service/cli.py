@@ -159,6 +159,7 @@ def cmd_attack(argv: list[str]) -> int:
 
     from service.attacks.runner import attack_batch
     from service.data.base import decode_image
+    from service.data.preprocess import InputTransform
     from service.device import resolve_device
     from service.parsing import label_vector
 
@@ -167,7 +168,8 @@ def cmd_attack(argv: list[str]) -> int:
     bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device)
     m = bundle.manifest
     inp = m.input
-    imgs = np.stack([decode_image(f, inp["channels"], (inp["height"], inp["width"]))
+    resize = InputTransform.from_input(inp).resize
+    imgs = np.stack([decode_image(f, inp["channels"], (inp["height"], inp["width"]), resize)
                      for f in args.images])
     names = m.class_names
     labels = target = None

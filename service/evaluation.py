@@ -6,6 +6,7 @@ project comes from one function.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,12 +78,14 @@ def evaluate_bundle(
     """Recompute a bundle's clean figures from its frozen files alone.
 
     Query codes come from the bundle's stored query images through its hasher; database codes
-    are the frozen gallery codes. When the gallery thumbnails are full-size model inputs, the
-    database is re-encoded as well and compared bit for bit with the stored codes.
+    are the frozen gallery codes. The database is re-encoded as well (read through the data
+    source, or from a format-1 bundle's full-size thumbnails) and compared bit for bit with the
+    stored codes.
 
     Returns:
         ``{"figures": ..., "recorded": ..., "gallery_codes_match": bool | None}``.
     """
+    from service.data.sources import materialize
     from service.nets.hasher import encode_uint8
     from service.retrieval.codes import pack_bits
 
@@ -93,11 +96,10 @@ def evaluate_bundle(
     db_codes = bundle.gallery.codes(bits)
     figures = retrieval_figures(q_codes, bundle.queries.labels, db_codes, bundle.gallery.labels)
     match = None
-    inp = m.input
-    if recode_database and bundle.gallery.thumbnails.shape[1:] == (
-        inp["channels"], inp["height"], inp["width"]
-    ):
-        recoded = encode_uint8(hasher, bundle.gallery.thumbnails)
+    if recode_database and (bundle.reference is not None or bundle.gallery.thumbnails.shape[1:]
+                            == bundle.transform.shape):
+        database = materialize(bundle.database_set(), min(8, os.cpu_count() or 1))
+        recoded = encode_uint8(hasher, database.images)
         match = bool(np.array_equal(pack_bits(recoded), bundle.gallery.codes_packed))
     return {"figures": figures, "recorded": m.evaluation.get("figures", {}),
             "gallery_codes_match": match}

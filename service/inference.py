@@ -27,6 +27,7 @@ from service.attacks import ATTACKS
 from service.attacks.factory import bundle_context
 from service.attacks.generator_attack import GeneratorAttack
 from service.attacks.runner import attack_batch
+from service.data.preprocess import InputTransform
 from service.errors import (
     AttackInputError,
     BadImage,
@@ -133,17 +134,18 @@ def _pillow_errors(field: str, what: str, max_pixels: int) -> Iterator[None]:
         raise BadImage(f"{field}: {what}: {exc}", field=field) from None
 
 
-def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixels: int,
+def decode_upload(data: bytes, transform: InputTransform, max_pixels: int,
                   field: str = "image") -> tuple[np.ndarray, dict[str, Any]]:
     """Decode PNG/JPEG bytes to the model input: ``uint8`` (C, H, W) and what was done.
 
     The pixel count is checked from the header before any pixel is decoded (first from the
     bytes themselves, then from what Pillow reads; Pillow's own decompression-bomb error or
-    warning is a 413 too), so a decompression bomb costs nothing. The image is converted to
-    the model's mode (``L`` or ``RGB``) and, when its size differs, resized bilinearly to
-    ``height`` x ``width`` (aspect ratio not kept). The first frame of an animated image is
-    used. Every failure is a :class:`BadImage` or :class:`PayloadTooLarge` naming ``field``:
-    callers (the API, audit chunks) can treat any other exception as a server fault.
+    warning is a 413 too), so a decompression bomb costs nothing. The image then goes through
+    the bundle's recorded :class:`~service.data.preprocess.InputTransform` (colour mode,
+    shorter-side resize and centre crop, or a stretch for bundles that record none), the same
+    one training and indexing used. The first frame of an animated image is used. Every
+    failure is a :class:`BadImage` or :class:`PayloadTooLarge` naming ``field``: callers (the
+    API, audit chunks) can treat any other exception as a server fault.
     """
     fmt = sniff_image(data, field)
     claimed = header_size(data, fmt)
@@ -156,23 +158,21 @@ def decode_upload(data: bytes, channels: int, height: int, width: int, max_pixel
         raise BadImage(f"{field}: image has no pixels ({w}x{h})", field=field)
     if w * h > max_pixels:
         raise _too_many_pixels(field, w, h, max_pixels)
-    mode = MODES[channels]
-    resized = (w, h) != (width, height)
     with _pillow_errors(field, f"cannot decode the {fmt.upper()} image", max_pixels):
         img.load()
-        out = img.convert(mode) if img.mode != mode else img
-        if resized:
-            out = out.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(out, dtype=np.uint8)
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        pixels = transform.apply(img)
+    mode = transform.mode
+    done = transform.describe(w, h)
     info = {
         "format": fmt, "received_size": [w, h], "received_mode": img.mode,
         "converted_to": mode if img.mode != mode else None,
-        "resized": resized,
-        "resize": f"bilinear to {width}x{height} (aspect ratio not kept)" if resized else None,
-        "model_input": {"channels": channels, "height": height, "width": width},
+        "resized": done is not None,
+        "resize": done,
+        "model_input": {"channels": transform.channels, "height": transform.height,
+                        "width": transform.width},
+        "transform": transform.to_record(),
     }
-    return np.ascontiguousarray(pixels), info
+    return pixels, info
 
 
 def encode_png(chw: np.ndarray) -> bytes:
@@ -275,6 +275,7 @@ class BundleService:
         self.classes = m.class_names
         self.bits = m.bits
         self.input = m.input
+        self.transform = bundle.transform
         self.generators = sorted({g["attack"] for g in m.generators})
         self.max_eps = max((g["eps"] for g in m.generators), default=FALLBACK_MAX_EPS)
         self._methods = [n for n in ATTACKS.names()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.data.preprocess import InputTransform
 from service.errors import BadImage, PayloadTooLarge, UnsupportedImageType
 from service.inference import (
     decode_upload,
@@ -27,25 +28,25 @@ def encoded(arr: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
 def test_png_roundtrip_is_exact_and_untouched():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (1, 28, 28), dtype=np.uint8)
-    pixels, info = decode_upload(encode_png(img), 1, 28, 28, 10_000)
+    pixels, info = decode_upload(encode_png(img), InputTransform(1, 28, 28), 10_000)
     assert np.array_equal(pixels, img)
     assert info["resized"] is False and info["converted_to"] is None
 
 
 def test_rgb_jpeg_is_converted_and_resized():
     rgb = np.full((50, 30, 3), 200, np.uint8)
-    pixels, info = decode_upload(encoded(rgb, "JPEG"), 1, 28, 28, 10_000)
+    pixels, info = decode_upload(encoded(rgb, "JPEG"), InputTransform(1, 28, 28), 10_000)
     assert pixels.shape == (1, 28, 28) and abs(int(pixels.mean()) - 200) <= 2
     assert info["received_size"] == [30, 50] and info["converted_to"] == "L" and info["resized"]
     grey = np.zeros((28, 28), np.uint8)
-    rgb_out, info = decode_upload(encoded(grey, "PNG"), 3, 28, 28, 10_000)
+    rgb_out, info = decode_upload(encoded(grey, "PNG"), InputTransform(3, 28, 28), 10_000)
     assert rgb_out.shape == (3, 28, 28) and info["converted_to"] == "RGB"
 
 
 def test_pixel_limit_is_checked_before_decoding():
     big = encoded(np.zeros((100, 100), np.uint8), "PNG")
     with pytest.raises(PayloadTooLarge) as exc:
-        decode_upload(big, 1, 28, 28, max_pixels=9_999)
+        decode_upload(big, InputTransform(1, 28, 28), max_pixels=9_999)
     assert exc.value.field == "image" and "10000 pixels" in exc.value.message
 
 
@@ -55,7 +56,7 @@ def test_pixel_limit_is_checked_before_decoding():
 ])
 def test_non_images_are_refused_by_content(data, err):
     with pytest.raises(err) as exc:
-        decode_upload(data, 1, 28, 28, 10_000)
+        decode_upload(data, InputTransform(1, 28, 28), 10_000)
     assert exc.value.field == "image"
 
 

@@ -21,6 +21,7 @@ import abc
 import logging
 import operator
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
 from typing import TypeAlias
@@ -31,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from service.data.preprocess import InputTransform, decode_file
 from service.errors import ConfigError, CorruptData, DataNotFound
 
 logger = logging.getLogger(__name__)
@@ -305,11 +307,12 @@ class ArrayImageSet(ImageSet):
 class FileImageSet(ImageSet):
     """An image set whose pixels are decoded lazily from files.
 
-    Every access opens the file with PIL, converts it to mode ``"L"`` (``channels=1``) or
-    ``"RGB"`` (``channels=3``) -- an alpha channel is dropped, palette images are expanded --
-    and, when its size differs from ``size``, resizes it to exactly ``(H, W)`` with PIL's
-    bilinear filter (``Image.Resampling.BILINEAR``, which also low-pass filters when
-    shrinking). The aspect ratio is not preserved and EXIF orientation is not applied.
+    Every access opens the file with PIL and applies the set's
+    :class:`~service.data.preprocess.InputTransform`: conversion to mode ``"L"``
+    (``channels=1``) or ``"RGB"`` (``channels=3``) -- an alpha channel is dropped, palette
+    images are expanded -- then, with ``resize`` given, a bilinear resize of the shorter side
+    to ``resize`` and a centre crop to ``size``; without it, a bilinear stretch to exactly
+    ``size`` (aspect ratio not kept). EXIF orientation is not applied.
 
     Attributes:
         paths: One file per item.
@@ -326,6 +329,7 @@ class FileImageSet(ImageSet):
         channels: int = 3,
         size: tuple[int, int] = (224, 224),
         name: str = "file-set",
+        resize: int | None = None,
     ) -> None:
         """Create the set; files are not opened until accessed.
 
@@ -334,8 +338,9 @@ class FileImageSet(ImageSet):
             labels: Multi-hot 0/1 matrix of shape ``(len(paths), len(class_names))``.
             class_names: One name per label column.
             channels: 1 for grayscale (PIL mode ``"L"``) or 3 for ``"RGB"``.
-            size: ``(H, W)`` every image is resized to.
+            size: ``(H, W)`` of every decoded image (the crop size).
             name: Human-readable name of the set.
+            resize: Shorter side before the centre crop; ``None`` stretches to ``size``.
 
         Raises:
             ConfigError: ``channels`` is not 1 or 3, ``size`` is not two positive integers,
@@ -357,6 +362,7 @@ class FileImageSet(ImageSet):
             )
         self.channels: int = int(channels)
         self.size: tuple[int, int] = (height, width)
+        self.transform = InputTransform(self.channels, height, width, resize)
 
     def load_uint8(self, index: int) -> npt.NDArray[np.uint8]:
         """Decode one image to a ``uint8`` array of shape ``image_shape``.
@@ -372,7 +378,7 @@ class FileImageSet(ImageSet):
             CorruptData: PIL cannot decode the file; the message names it.
         """
         path = self.paths[self._check_index(index)]
-        return decode_image(path, self.channels, self.size)
+        return decode_image(path, self.channels, self.size, self.transform.resize)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(image, label)``; see :meth:`ImageSet.__getitem__` and :meth:`load_uint8`."""
@@ -398,12 +404,16 @@ class FileImageSet(ImageSet):
             channels=self.channels,
             size=self.size,
             name=self.name,
+            resize=self.transform.resize,
         )
 
-    def materialize(self) -> ArrayImageSet:
+    def materialize(self, workers: int = 1) -> ArrayImageSet:
         """Decode every image into memory.
 
-        Meant for small sets: the result needs ``N * C * H * W`` bytes.
+        Meant for sets that fit in memory: the result needs ``N * C * H * W`` bytes.
+
+        Args:
+            workers: Decoding threads (Pillow releases the GIL while decoding).
 
         Returns:
             An :class:`ArrayImageSet` with the same labels, class names and name.
@@ -413,8 +423,17 @@ class FileImageSet(ImageSet):
             CorruptData: A file cannot be decoded; the message names it.
         """
         images = np.empty((len(self), *self.image_shape), dtype=np.uint8)
-        for i in range(len(self)):
+
+        def load(i: int) -> None:
             images[i] = self.load_uint8(i)
+
+        if workers > 1 and len(self) > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in pool.map(load, range(len(self)), chunksize=64):
+                    pass
+        else:
+            for i in range(len(self)):
+                load(i)
         logger.debug("materialized %s: %d images, %d bytes", self.name, len(self), images.nbytes)
         return ArrayImageSet(images, self.labels.copy(), self.class_names, self.name)
 
@@ -432,36 +451,30 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
-def decode_image(path: PathLikeStr, channels: int, size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+def decode_image(path: PathLikeStr, channels: int, size: tuple[int, int],
+                 resize: int | None = None) -> npt.NDArray[np.uint8]:
     """Decode an image file to ``uint8`` ``(channels, H, W)`` as :class:`FileImageSet` does.
 
     Args:
         path: Image file.
         channels: 1 (PIL mode ``"L"``) or 3 (``"RGB"``).
-        size: ``(H, W)``; the image is resized bilinearly when its size differs.
+        size: ``(H, W)``, the crop size.
+        resize: Shorter side before the centre crop; ``None`` stretches bilinearly to ``size``.
 
     Returns:
         The pixels as a C-contiguous ``uint8`` array.
 
     Raises:
-        ConfigError: ``channels`` is not 1 or 3.
+        ConfigError: ``channels`` is not 1 or 3, or ``size``/``resize`` are invalid.
         DataNotFound: The file does not exist.
         CorruptData: PIL cannot decode the file; the message names it.
     """
-    mode = CHANNEL_MODES.get(channels)
-    if mode is None:
-        raise ConfigError(f"channels must be 1 or 3, got {channels!r}", field="channels")
     height, width = _check_size(size)
+    transform = InputTransform(channels, height, width, resize)
     file = Path(path)
     try:
-        with Image.open(file) as img:
-            converted = img.convert(mode)
-        if converted.size != (width, height):
-            converted = converted.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(converted, dtype=np.uint8)
+        return decode_file(str(file), transform)
     except FileNotFoundError:
         raise DataNotFound(f"image file not found: {file}", field="path") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptData(f"cannot decode image file {file}: {exc}", field="path") from exc
-    pixels = pixels[None, :, :] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels)

@@ -96,6 +96,7 @@ def load_deephash_list(
     image_root: PathLikeStr,
     channels: int = 3,
     size: tuple[int, int] = (224, 224),
+    resize: int | None = None,
     class_names: Sequence[str] | None = None,
     name: str | None = None,
 ) -> FileImageSet:
@@ -107,7 +108,8 @@ def load_deephash_list(
         list_file: The text file, one ``path l1 ... lC`` entry per line (UTF-8).
         image_root: Folder the paths are relative to.
         channels: 1 (grayscale) or 3 (RGB); see :class:`FileImageSet`.
-        size: ``(H, W)`` every image is bilinearly resized to; see :class:`FileImageSet`.
+        size: ``(H, W)`` of the decoded images (the crop size); see :class:`FileImageSet`.
+        resize: Shorter side before the centre crop (``None``: stretch to ``size``).
         class_names: One name per label column; default ``"class_0"``, ``"class_1"``, ...
         name: Name of the set; default the list file's stem.
 
@@ -176,5 +178,6 @@ def load_deephash_list(
         names,
         channels=channels,
         size=size,
+        resize=resize,
         name=name if name is not None else list_path.stem,
     )

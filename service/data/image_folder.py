@@ -47,6 +47,7 @@ def load_image_folder(
     root: PathLikeStr,
     channels: int = 3,
     size: tuple[int, int] = (224, 224),
+    resize: int | None = None,
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
     name: str | None = None,
 ) -> FileImageSet:
@@ -58,7 +59,8 @@ def load_image_folder(
     Args:
         root: Folder whose sub-folders are the classes.
         channels: 1 (grayscale) or 3 (RGB); see :class:`FileImageSet`.
-        size: ``(H, W)`` every image is bilinearly resized to; see :class:`FileImageSet`.
+        size: ``(H, W)`` of the decoded images (the crop size); see :class:`FileImageSet`.
+        resize: Shorter side before the centre crop (``None``: stretch to ``size``).
         extensions: Accepted file extensions, with or without the leading dot.
         name: Name of the set; default the root folder's name.
 
@@ -110,5 +112,6 @@ def load_image_folder(
         [d.name for d in class_dirs],
         channels=channels,
         size=size,
+        resize=resize,
         name=name if name is not None else folder.resolve().name,
     )

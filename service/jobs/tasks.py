@@ -69,13 +69,11 @@ def load_queries(ctx: JobContext, spec: dict[str, Any], bundle: Any, positions: 
     from service.jobs.uploads import upload_files
 
     meta, files = upload_files(ctx.audits, q["upload_id"], positions)
-    inp = bundle.manifest.input
     images = []
     for pos, data in zip(positions.tolist(), files, strict=True):
         name = meta["names"][pos]
         try:
-            px, _ = decode_upload(data, inp["channels"], inp["height"], inp["width"],
-                                  ctx.max_pixels, field="queries")
+            px, _ = decode_upload(data, bundle.transform, ctx.max_pixels, field="queries")
         except HashAuditError as exc:
             raise BadImage(f"uploaded image {name!r}: {exc.message}", field="queries") from None
         images.append(px)

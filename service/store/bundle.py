@@ -5,11 +5,20 @@ Layout of ``model_store/<name>/``::
     manifest.json        the Manifest (its ``files`` list names every payload file)
     hasher.safetensors   hasher weights (architecture rebuilt from the manifest)
     gallery.safetensors  codes (packed bits), labels (multi-hot), ids
-    thumbnails.png       gallery thumbnails as one lossless PNG atlas (layout in the manifest)
-    queries.safetensors  the protocol's query images (uint8), labels and ids, so figures and
-                         audits can be recomputed from the bundle alone
+    thumbnails.png       gallery thumbnails as one lossless PNG atlas (layout in the manifest);
+                         display-sized: the longer side is at most THUMB_SIDE pixels
+    queries.safetensors  the protocol's query labels and ids, and their images (uint8) when
+                         they are small (``extra.queries.embedded``); larger query images are
+                         read through the data source
     splits.safetensors   query / database / train indices of the recorded protocol
     SHA256SUMS           ``sha256sum -c`` format, covering every file above
+
+A bundle never copies its training images: ``dataset.reference`` in the manifest records the
+data source (kind, options, sha256 of its files; see :mod:`service.data.sources`) and
+:meth:`Bundle.train_split`, :meth:`Bundle.database_set` and large query sets read through it,
+after checking that it is unchanged. Bundles made before the reference was recorded (format
+1, such as the shipped 28 px default) keep their full-size database images as thumbnails and
+are read from there.
 
 Loading verifies SHA256SUMS first, then rebuilds the architecture from the manifest and
 loads weights with ``strict=True``; any mismatch raises a BundleError that names the file.
@@ -18,6 +27,8 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.data.base import ArrayImageSet, ImageSet
+from service.data.preprocess import InputTransform
+from service.data.sources import open_source
 from service.errors import BundleError, ChecksumMismatch
 from service.nets import Hasher, build_hasher
 from service.retrieval.codes import pack_bits, unpack_bits
@@ -45,6 +59,8 @@ GALLERY_FILE = "gallery.safetensors"
 SPLITS_FILE = "splits.safetensors"
 QUERIES_FILE = "queries.safetensors"
 THUMBS_FILE = "thumbnails.png"
+THUMB_SIDE = 64  # longer side of a gallery thumbnail, whatever the model input size
+EMBED_QUERY_BYTES = 3 * 64 * 64  # query images up to this size per image live in the bundle
 
 
 @dataclass
@@ -71,13 +87,28 @@ class Gallery:
                    thumbnails.astype(np.uint8))
 
 
-@dataclass
 class QuerySet:
-    """The protocol's query images, kept in the bundle."""
+    """The protocol's query split: labels and ids, and the images (uint8 (Q, C, H, W)),
+    which are either stored in the bundle or read through the data source on first use."""
 
-    images: np.ndarray  # (Q, C, H, W) uint8
-    labels: np.ndarray  # (Q, C) uint8 multi-hot
-    ids: np.ndarray  # (Q,) int64, position in the source test split
+    def __init__(self, images: np.ndarray | Callable[[], np.ndarray], labels: np.ndarray,
+                 ids: np.ndarray) -> None:
+        self.labels = labels  # (Q, C) uint8 multi-hot
+        self.ids = ids  # (Q,) int64, position in the source test split
+        self._images = images if isinstance(images, np.ndarray) else None
+        self._load = None if isinstance(images, np.ndarray) else images
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            assert self._load is not None
+            self._images = self._load()
+        return self._images
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the images were stored in the bundle (or already loaded)."""
+        return self._load is None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,11 +145,51 @@ class Bundle:
             idx = np.sort(np.random.default_rng(seed).choice(idx, num, replace=False))
         return idx
 
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The data source record (None for a format-1 bundle that holds its images)."""
+        ref = self.manifest.dataset.get("reference")
+        return ref if isinstance(ref, dict) else None
+
+    @property
+    def transform(self) -> InputTransform:
+        """How an image becomes this bundle's model input (recorded in the manifest)."""
+        return InputTransform.from_input(self.manifest.input)
+
+    def data_source(self) -> tuple[ImageSet, ImageSet]:
+        """The (database pool, query pool) of the recorded data source, checked unchanged."""
+        if "source" not in self._parts:
+            ref = self.reference
+            if ref is None:
+                raise BundleError(f"{self.name}: the manifest records no data source",
+                                  field="dataset.reference")
+            self._parts["source"] = open_source(ref, self.name)
+        pools: tuple[ImageSet, ImageSet] = self._parts["source"]
+        return pools
+
+    def database_set(self, positions: np.ndarray | None = None) -> ImageSet:
+        """Full-size database images at gallery ``positions`` (all by default), in gallery
+        order: read through the data source, or the gallery itself in a format-1 bundle."""
+        pos = np.arange(len(self.gallery)) if positions is None else np.asarray(positions)
+        if self.reference is None:
+            return ArrayImageSet(self.gallery.thumbnails[pos], self.gallery.labels[pos],
+                                 self.manifest.class_names, f"{self.name}-database")
+        db, _ = self.data_source()
+        return db.subset(self.gallery.ids[pos])
+
     def train_split(self, num: int | None = None,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images and labels of :meth:`train_positions`, taken from the gallery."""
+        """uint8 images and labels of :meth:`train_positions` (the hasher's training images),
+        decoded into memory."""
         idx = self.train_positions(num, seed)
-        return self.gallery.thumbnails[idx].copy(), self.gallery.labels[idx].copy()
+        s = self.database_set(idx)
+        images = s.images if isinstance(s, ArrayImageSet) else \
+            s.materialize(min(8, os.cpu_count() or 1)).images  # type: ignore[attr-defined]
+        if images.shape[1:] != self.transform.shape:
+            raise BundleError(f"{self.name}: the training images are {images.shape[1:]}, the "
+                              f"model input is {self.transform.shape}", field="bundle")
+        return images.copy() if isinstance(s, ArrayImageSet) else images, \
+            self.gallery.labels[idx].copy()
 
     def prototype(self) -> torch.nn.Module | None:
         """The bundle's PrototypeNet (None when no generator was trained yet)."""
@@ -170,9 +241,14 @@ def save_bundle(
     manifest = manifest.replace(extra={**manifest.extra, "thumbnails": {
         "file": THUMBS_FILE, "count": int(n), "channels": int(c), "height": int(h),
         "width": int(w), "columns": int(cols), "order": "row-major tiles, gallery order"}})
-    write_payload(folder, QUERIES_FILE, {
-        "images": _np(queries.images), "labels": _np(queries.labels), "ids": _np(queries.ids),
-    })
+    embed = manifest.dataset.get("reference") is None or \
+        int(np.prod(queries.images.shape[1:])) <= EMBED_QUERY_BYTES
+    manifest = manifest.replace(extra={**manifest.extra, "queries": {
+        "embedded": bool(embed), "count": len(queries)}})
+    payload = {"labels": _np(queries.labels), "ids": _np(queries.ids)}
+    if embed:
+        payload["images"] = _np(queries.images)
+    write_payload(folder, QUERIES_FILE, payload)
     write_payload(folder, SPLITS_FILE, {k: _np(v.astype(np.int64)) for k, v in splits.items()})
     return finalize(folder, manifest,
                     [HASHER_FILE, GALLERY_FILE, THUMBS_FILE, QUERIES_FILE, SPLITS_FILE])
@@ -263,9 +339,31 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
                 f"the manifest implies {shape}"
             )
     q = load_tensors(folder, QUERIES_FILE)
-    queries = QuerySet(*(q[k].numpy() for k in ("images", "labels", "ids")))
     q_shape = (int(i["channels"]), int(i["height"]), int(i["width"]))
-    if queries.images.shape[1:] != q_shape or queries.labels.shape[1] != c:
-        raise BundleError(f"{folder.name}: query images or labels do not match the manifest")
     splits = {k: v.numpy() for k, v in load_tensors(folder, SPLITS_FILE).items()}
-    return Bundle(folder, manifest, hasher, gallery, queries, splits, sha256_file(folder / SUMS))
+    q_labels, q_ids = q["labels"].numpy(), q["ids"].numpy()
+    bundle = Bundle(folder, manifest, hasher, gallery, QuerySet(np.zeros(0), q_labels, q_ids),
+                    splits, sha256_file(folder / SUMS))
+    if "images" in q:
+        bundle.queries = QuerySet(q["images"].numpy(), q_labels, q_ids)
+    elif bundle.reference is not None:
+        bundle.queries = QuerySet(lambda: _source_queries(bundle), q_labels, q_ids)
+    else:
+        raise BundleError(f"{folder.name}: {QUERIES_FILE} holds no images and the manifest "
+                          "records no data source to read them from")
+    if (bundle.queries.embedded and bundle.queries.images.shape[1:] != q_shape) or \
+            q_labels.shape[1] != c:
+        raise BundleError(f"{folder.name}: query images or labels do not match the manifest")
+    return bundle
+
+
+def _source_queries(bundle: Bundle) -> np.ndarray:
+    """The query images of a bundle whose queries are not embedded, checked against the
+    bundle's query labels."""
+    _, qpool = bundle.data_source()
+    s = qpool.subset(bundle.queries.ids)
+    if not np.array_equal(s.labels, bundle.queries.labels):
+        raise BundleError(f"{bundle.name}: the data source's query labels differ from the "
+                          "bundle's", field="dataset.reference")
+    images: np.ndarray = s.materialize(min(8, os.cpu_count() or 1)).images  # type: ignore
+    return images

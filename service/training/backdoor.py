@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from service.attacks.base import scale_for
 from service.attacks.factory import bundle_context
 from service.data.base import ArrayImageSet
+from service.data.sources import materialize
 from service.errors import ConfigError
 from service.evaluation import retrieval_figures
 from service.retrieval.metrics import targeted_map
@@ -199,7 +201,8 @@ def backdoor_figures(bundle: Bundle, setup: BackdoorSetup, trigger: torch.Tensor
     trigger (relevance = the target label), with the gallery re-encoded by ``hasher``."""
     q = bundle.queries
     triggered, untriggered, tlab = triggered_queries(bundle, setup, trigger)
-    db_imgs, db_labels = bundle.gallery.thumbnails, bundle.gallery.labels
+    db_imgs = materialize(bundle.database_set(), min(8, os.cpu_count() or 1)).images
+    db_labels = bundle.gallery.labels
     dev = bundle.device
 
     def enc(images: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sys
 import time
 import tomllib
@@ -14,14 +15,16 @@ import numpy as np
 import torch
 
 import service
+from service.data.base import FileImageSet
+from service.data.preprocess import InputTransform, make_thumbnails
+from service.data.sources import load_source, materialize, source_record
 from service.data.splits import SplitSpec, make_splits
 from service.errors import ConfigError
 from service.evaluation import protocol_record, retrieval_figures
-from service.store.bundle import Gallery, QuerySet, save_bundle
+from service.store.bundle import THUMB_SIDE, Gallery, QuerySet, save_bundle
 from service.store.manifest import Manifest
 from service.store.modelstore import check_bundle_name
 from service.training.hasher import HasherConfig, encode, train_hasher
-from service.training.sources import load_source, materialize
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +64,15 @@ def build_bundle(
         seed=int(data_cfg.get("seed", 0)),
     )
     splits = make_splits(len(db_pool), len(query_pool), spec)
-    train_set = materialize(db_pool.subset(splits.train))
-    database = materialize(db_pool.subset(splits.database))
-    queries = materialize(query_pool.subset(splits.query))
+    reference = source_record(data_cfg, (len(db_pool), len(query_pool)))
+    workers = min(8, os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    database = materialize(db_pool.subset(splits.database), workers)
+    # the train split lies inside the database (both index arrays are sorted)
+    train_set = database.subset(np.searchsorted(splits.database, splits.train))
+    queries = materialize(query_pool.subset(splits.query), workers)
+    log.info("decoded %d database and %d query images in %.1f s", len(database),
+             len(queries), time.perf_counter() - t0)
     log.info("splits: %d train, %d database, %d queries", len(train_set), len(database),
              len(queries))
 
@@ -78,6 +87,8 @@ def build_bundle(
              figures["map_1000"], figures["p_r2"])
 
     c, h, w = database.images.shape[1:]
+    transform = (db_pool.transform if isinstance(db_pool, FileImageSet)
+                 else InputTransform(int(c), int(h), int(w)))
     manifest = Manifest(
         name=name,
         version=str(cfg.get("version", "1")),
@@ -95,6 +106,7 @@ def build_bundle(
             "name": db_pool.name.rsplit("-", 1)[0] if db_pool.name.endswith("-train")
             else db_pool.name,
             "source": {k: v for k, v in data_cfg.items()},
+            "reference": reference,
             "class_names": database.class_names,
             "splits": splits.to_record(),
             "sizes": {"train": len(train_set), "database": len(database),
@@ -105,6 +117,7 @@ def build_bundle(
             "value_range": [0.0, 1.0], "scaling": "pixel / 255",
             "mean": list(hcfg.mean), "std": list(hcfg.std),
             "normalisation": "(x - mean) / std, applied inside the hasher",
+            "transform": transform.to_record(),
         },
         hasher={
             "family": hcfg.loss, "arch": hcfg.arch, "arch_kwargs": hcfg.arch_kwargs,
@@ -118,7 +131,8 @@ def build_bundle(
     folder = out_root / name
     manifest = save_bundle(
         folder, manifest, hasher,
-        Gallery.from_codes(db_codes, database.labels, splits.database, database.images),
+        Gallery.from_codes(db_codes, database.labels, splits.database,
+                           make_thumbnails(database.images, THUMB_SIDE)),
         QuerySet(queries.images, queries.labels, splits.query.astype(np.int64)),
         {"query": splits.query, "database": splits.database, "train": splits.train},
     )

@@ -109,16 +109,12 @@ class GeneratorConfig:
 
 
 def _train_images(bundle: Bundle, num: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bundle's hasher-training images (the train split lies inside the gallery)."""
-    idx = bundle.train_positions(num, seed)
-    if len(idx) == 0:
+    """The bundle's hasher-training images, read through its data source (format-1 bundles:
+    from the gallery, which holds them)."""
+    images, labels = bundle.train_split(num, seed)
+    if len(images) == 0:
         raise ConfigError("the bundle's train split is not in its gallery", field="bundle")
-    x = torch.from_numpy(bundle.gallery.thumbnails[idx])
-    inp = bundle.manifest.input
-    if tuple(x.shape[1:]) != (inp["channels"], inp["height"], inp["width"]):
-        raise ConfigError("gallery thumbnails are not full-size model inputs; "
-                          "generator training needs the training images", field="bundle")
-    return x, torch.from_numpy(bundle.gallery.labels[idx]).float()
+    return torch.from_numpy(images), torch.from_numpy(labels).float()
 
 
 def train_prototype(bundle: Bundle, images: torch.Tensor, labels: torch.Tensor,

@@ -28,10 +28,8 @@ async def _decode(state: AppState, svc: BundleService, image: UploadFile) -> Que
     """Decode in the thread pool, whatever the byte size: a few kB of PNG may hold millions
     of pixels, and the event loop must keep answering (``/health/live``) meanwhile."""
     data = await image.read()
-    inp = svc.input
     pixels, info = await run_in_threadpool(
-        decode_upload, data, inp["channels"], inp["height"], inp["width"],
-        state.settings.max_pixels)
+        decode_upload, data, svc.transform, state.settings.max_pixels)
     return Query(image=pixels, preprocess=info)
 
 
