@@ -227,8 +227,13 @@ def save_bundle(
     gallery: Gallery,
     queries: QuerySet,
     splits: dict[str, np.ndarray],
+    embed_queries: bool | None = None,
 ) -> Manifest:
-    """Write a complete bundle; returns the manifest with its file list filled in."""
+    """Write a complete bundle; returns the manifest with its file list filled in.
+
+    ``embed_queries`` (default: only when the manifest records no data source, or each query
+    image has at most ``EMBED_QUERY_BYTES`` bytes) stores the query images in the bundle;
+    otherwise they are read through the data source when first needed."""
     folder.mkdir(parents=True, exist_ok=True)
     write_payload(folder, HASHER_FILE, dict(hasher.state_dict()))
     write_payload(folder, GALLERY_FILE, {
@@ -241,8 +246,12 @@ def save_bundle(
     manifest = manifest.replace(extra={**manifest.extra, "thumbnails": {
         "file": THUMBS_FILE, "count": int(n), "channels": int(c), "height": int(h),
         "width": int(w), "columns": int(cols), "order": "row-major tiles, gallery order"}})
-    embed = manifest.dataset.get("reference") is None or \
-        int(np.prod(queries.images.shape[1:])) <= EMBED_QUERY_BYTES
+    if manifest.dataset.get("reference") is None:
+        embed = True
+    elif embed_queries is None:
+        embed = int(np.prod(queries.images.shape[1:])) <= EMBED_QUERY_BYTES
+    else:
+        embed = bool(embed_queries)
     manifest = manifest.replace(extra={**manifest.extra, "queries": {
         "embedded": bool(embed), "count": len(queries)}})
     payload = {"labels": _np(queries.labels), "ids": _np(queries.ids)}

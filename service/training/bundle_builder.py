@@ -19,6 +19,7 @@ from service.data.base import FileImageSet
 from service.data.preprocess import InputTransform, make_thumbnails
 from service.data.sources import load_source, materialize, source_record
 from service.data.splits import SplitSpec, make_splits
+from service.device import resolve_device
 from service.errors import ConfigError
 from service.evaluation import protocol_record, retrieval_figures
 from service.store.bundle import THUMB_SIDE, Gallery, QuerySet, save_bundle
@@ -80,8 +81,10 @@ def build_bundle(
     hasher, history = train_hasher(hcfg, train_set, device=device,
                                    checkpoint_dir=checkpoint_dir, progress=progress)
     train_seconds = time.perf_counter() - t0
-    db_codes = encode(hasher, database.images)
-    q_codes = encode(hasher, queries.images)
+    dev = resolve_device(device)
+    db_codes = encode(hasher, database.images, device=dev)
+    q_codes = encode(hasher, queries.images, device=dev)
+    hasher.cpu()
     figures = retrieval_figures(q_codes, queries.labels, db_codes, database.labels)
     log.info("clean mAP@all %.4f, mAP@1000 %.4f, P@r2 %.4f", figures["map_all"],
              figures["map_1000"], figures["p_r2"])
@@ -135,6 +138,7 @@ def build_bundle(
                            make_thumbnails(database.images, THUMB_SIDE)),
         QuerySet(queries.images, queries.labels, splits.query.astype(np.int64)),
         {"query": splits.query, "database": splits.database, "train": splits.train},
+        embed_queries=cfg.get("embed_queries"),
     )
     log.info("wrote bundle %s", folder)
     return manifest

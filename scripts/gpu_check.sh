@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU check, one command: `scripts/gpu_check.sh` (GPU mode) or `scripts/gpu_check.sh cpu`.
+#
+# GPU mode, from a bare machine that has only the repository and a CUDA build of torch and
+# torchvision (budget: under 10 minutes on one H200):
+#   1. installs the project's pure-Python dependencies from ./.whl when they are missing
+#      (fastapi, starlette, pydantic + pydantic-core + pydantic-settings, python-dotenv,
+#      annotated-types, typing-inspection, typing-extensions, annotated-doc,
+#      opentelemetry-api, redis, rq, croniter, python-dateutil, click, anyio, h11, idna,
+#      orjson, uvicorn, python-multipart; README "GPU check" shows how to download them);
+#   2. runs `pytest -m gpu`;
+#   3. runs benchmarks/paper_scale.py at paper scale: 224 px synthetic RGB multi-label scenes
+#      (20,000 database, 1,000 queries), a 64-bit ResNet-50 HashNet hasher, the UntargetedGAN
+#      generator at the paper's shapes, then generator vs PGD-20 / DHTA-20 at 8/255 in fp32
+#      and bf16: one table, and JSON under $OUT (default benchmarks/results/gpu_check).
+# CPU mode runs the same benchmark at 64 px with small counts (what the test suite runs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-gpu}"
+DEST="${OUT:-benchmarks/results/gpu_check}"
+mkdir -p "$DEST"
+PY="${PYTHON:-python3}"
+
+if ! "$PY" -c "import fastapi, pydantic_settings, rq, redis, multipart" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/hashaudit-site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/hashaudit-site:${PYTHONPATH:-}"
+  else
+    echo "missing Python packages and no ./.whl folder to install them from" >&2
+    exit 1
+  fi
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+"$PY" - <<'EOF'
+import torch, torchvision
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"cuda {torch.cuda.is_available()}"
+      + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+EOF
+
+status=0
+if [ "$MODE" = "cpu" ]; then
+  "$PY" benchmarks/paper_scale.py --device cpu --size 64 --database 300 --train 200 \
+    --query 40 --arch small_cnn --arch-kwargs '{"width": 8}' --bits 16 --epochs 2 \
+    --batch-size 50 --gen-epochs 1 --gen-batch-size 50 --gen-width 8 --steps 3 --workers 2 \
+    --attack-batch 40 --eps 8/255 --precision fp32 bf16 --out "$DEST/run" || status=1
+  exit $status
+fi
+
+t0=$(date +%s)
+"$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$DEST/pytest_gpu.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "pytest -m gpu: $(( $(date +%s) - t0 )) s"
+
+"$PY" benchmarks/paper_scale.py --device cuda --size 224 --database 20000 --train 10000 \
+  --query 1000 --arch resnet50 --bits 64 --loss hashnet --epochs "${EPOCHS:-6}" \
+  --batch-size 128 --lr 1e-3 --gen-epochs "${GEN_EPOCHS:-2}" --gen-batch-size 64 \
+  --gen-width 64 --steps 20 --attack-batch 250 --eps 8/255 --precision fp32 bf16 \
+  --train-precision bf16 --workers 16 --out "$DEST/run" 2>&1 | tee "$DEST/paper_scale.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+cp "$DEST/run/paper_scale.json" "$DEST/" 2>/dev/null
+echo "gpu check: $(( $(date +%s) - t0 )) s, status $status"
+exit $status
