@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _precision(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
-    p.add_argument("--precision", choices=CHOICES, default=default,
+    p.add_argument("--precision", choices=CHOICES, default=default, metavar="PRECISION",
                    help=f"{what}: auto (bf16 autocast + channels-last on CUDA, fp32 on CPU), "
                         "fp32 or bf16 (recorded in the bundle)")
 
