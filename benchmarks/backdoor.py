@@ -23,7 +23,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    add_device_arg,
+    add_precision_arg,
+    machine,
+    pick_device,
+    pick_precision,
+    print_table,
+    write_json,
+)
 from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.report import _backdoor_plot, render_html  # noqa: E402
@@ -44,9 +53,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="backdoor", help="results file stem (JSON, PNG, HTML)")
     add_device_arg(p)
+    add_precision_arg(p)
     args = p.parse_args()
     device = pick_device(args.device)
-    store = ModelStore(REPO / "model_store", device)
+    precision = pick_precision(args.precision, device)
+    store = ModelStore(REPO / "model_store", device, precision)
     svc = BundleService(store.get(args.bundle))
     spec = normalize_backdoor_spec(svc, {"seed": args.seed, "backdoor": {
         "target": args.target, "poisons": args.poisons, "num_train": args.num_train,
@@ -79,7 +90,7 @@ def main() -> int:
     (RESULTS / f"{args.name}.png").write_bytes(base64.b64decode(_backdoor_plot(r)))
     (RESULTS / f"{args.name}.html").write_text(render_html(status))
     write_json(args.name, {
-        "machine": machine(device), "bundle": args.bundle, "target": r["target_name"],
+        "machine": machine(device, precision), "bundle": args.bundle, "target": r["target_name"],
         "patch": r["patch_side"], "num_train": r["train_images"], "epochs": r["epochs"],
         "surrogate": r["surrogate"], "seconds": time.perf_counter() - t0, "rows": rows,
         "table": table})

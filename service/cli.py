@@ -39,13 +39,15 @@ DATA_COMMANDS = {
 }
 
 
-def _open_bundle(ref: str, store: Path | None, device: str):
+def _open_bundle(ref: str, store: Path | None, device: str, precision: str = "fp32"):
     from service.store import ModelStore, load_bundle
 
     p = Path(ref)
     if p.is_dir() and (p / "manifest.json").is_file():
-        return load_bundle(p, device)
-    return ModelStore(store or get_settings().model_store, device).get(ref)
+        bundle = load_bundle(p, device)
+        bundle.hasher.set_precision(precision)
+        return bundle
+    return ModelStore(store or get_settings().model_store, device, precision).get(ref)
 
 
 def _store_option(p: argparse.ArgumentParser) -> None:
@@ -56,6 +58,12 @@ def _store_option(p: argparse.ArgumentParser) -> None:
 def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="auto, cpu, cuda or cuda:N (default: $HASHAUDIT_DEVICE or auto)")
+
+
+def _precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default=None,
+                   help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 "
+                        "(default: $HASHAUDIT_PRECISION or auto)")
 
 
 def _bundle_option(p: argparse.ArgumentParser) -> None:
@@ -149,6 +157,7 @@ def attack_parser() -> argparse.ArgumentParser:
                    help="target label(s) for targeted methods (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of random starts")
     _device_option(p)
+    _precision_option(p)
     p.add_argument("--out", type=Path, default=Path("attack_out"), help="output folder")
     return p
 
@@ -165,7 +174,8 @@ def cmd_attack(argv: list[str]) -> int:
 
     args = attack_parser().parse_args(argv)
     device = str(resolve_device(args.device or get_settings().device))
-    bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device)
+    bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device,
+                          args.precision or get_settings().precision)
     m = bundle.manifest
     inp = m.input
     resize = InputTransform.from_input(inp).resize
@@ -188,7 +198,8 @@ def cmd_attack(argv: list[str]) -> int:
               f"-> {out}")
     (args.out / "attack.json").write_text(json.dumps({
         "bundle": bundle.name, "sha": bundle.sha, "method": args.method, "eps": args.eps,
-        "seed": args.seed, "bits": m.bits, "attack_seconds": res.seconds, "images": rows,
+        "seed": args.seed, "bits": m.bits, "attack_seconds": res.seconds,
+        "device": device, "precision": bundle.hasher.precision, "images": rows,
     }, indent=2))
     print(f"wrote {args.out / 'attack.json'}")
     return 0
@@ -283,6 +294,7 @@ def audit_parser() -> argparse.ArgumentParser:
     r.add_argument("--transfer-to", nargs="+", default=[],
                    help="other bundles to evaluate the adversarial queries on (transfer)")
     _device_option(r)
+    _precision_option(r)
     r.add_argument("--out", type=Path, default=Path("audit_out"),
                    help="folder for report.json and report.html")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -328,7 +340,7 @@ def cmd_audit(argv: list[str]) -> int:
 
     s = get_settings()
     device = str(resolve_device(args.device or s.device))
-    store = ModelStore(args.store or s.model_store, device)
+    store = ModelStore(args.store or s.model_store, device, args.precision or s.precision)
     name = args.bundle or s.default_bundle
     svc = BundleService(store.get(name))
     spec = normalize_spec(svc, {

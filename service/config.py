@@ -18,6 +18,9 @@ class Settings(BaseSettings):
         model_store: folder holding bundle folders.
         default_bundle: bundle used when a request or command names none.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: forward precision of served and audited models: ``auto`` (bf16 autocast
+            and channels-last on CUDA, fp32 on CPU), ``fp32`` or ``bf16``. Attacks keep their
+            perturbation, projection and uint8 rounding in float32 either way.
         fmnist_dir: folder of the Fashion-MNIST IDX files.
         host / port: where ``hashaudit serve`` listens.
         api_keys: comma-separated keys; when set, every endpoint but ``/health/*`` needs one
@@ -62,6 +65,7 @@ class Settings(BaseSettings):
     model_store: Path = REPO_ROOT / "model_store"
     default_bundle: str = "fmnist-dpsh-32"
     device: str = "auto"
+    precision: str = "auto"
     fmnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

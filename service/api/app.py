@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_batch=settings.max_batch, max_delay_ms=settings.max_delay_ms,
         max_queue=settings.max_queue, on_batch=on_batch, on_depth=metrics.queue_depth.set,
         on_reject=metrics.queue_rejected.inc)
-    state = AppState(settings=settings, store=ModelStore(settings.model_store, device),
+    store = ModelStore(settings.model_store, device, settings.precision)
+    state = AppState(settings=settings, store=store,
                      metrics=metrics, batcher=batcher, device=device)
 
     @asynccontextmanager
@@ -68,7 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         batcher.start()
         state.audits = make_audit_queue(settings, state.store)
-        log.info("loading bundles from %s on %s; audits run %s", settings.model_store, device,
+        log.info("loading bundles from %s on %s (%s); audits run %s", settings.model_store,
+                 device, store.precision,
                  "on Redis workers" if settings.redis_url else "in this process")
 
         async def load() -> None:

@@ -173,7 +173,8 @@ def compute_attack_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], c
         arrays["example_adv"] = np.asarray(examples, np.uint8)
         arrays["example_clean"] = images[:spec["examples"]]
     return pack_arrays(arrays, {"seconds": seconds, "n": int(len(positions)), "chunk": chunk,
-                                "method": method, "eps": eps})
+                                "method": method, "eps": eps,
+                                "precision": bundle.hasher.precision})
 
 
 def run_chunk(audit_id: str, chunk: str) -> dict[str, Any]:
@@ -307,6 +308,8 @@ def reduce_audit(ctx: JobContext, audit_id: str, rec: dict[str, Any]) -> dict[st
                 "rmse_mean": float(arr["rmse"].mean()),
                 "psnr_mean_db": _finite_mean(psnr_db(arr["rmse"])),
                 "seconds": seconds, "ms_per_image": 1e3 * seconds / max(1, len(adv)),
+                # what the chunks' workers computed in (HASHAUDIT_PRECISION); older chunks: fp32
+                "precision": "/".join(sorted({m.get("precision", "fp32") for m in metas})),
             }
             if targeted:
                 row["t_map"] = targeted_map(adv, db_codes, arr["target"], db_labels, top_k)

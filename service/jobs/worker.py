@@ -216,8 +216,8 @@ def run_worker(settings: Settings | None = None, burst: bool = False,
             loaded.append(bundle)
         except Exception as exc:  # noqa: BLE001 - a broken bundle must not stop the rest
             log.error("bundle %s not loaded: %s", bundle, exc)
-    log.info("worker: bundles loaded: %s (device %s)", ", ".join(loaded) or "none",
-             ctx.models.device)
+    log.info("worker: bundles loaded: %s (device %s, %s)", ", ".join(loaded) or "none",
+             ctx.models.device, ctx.models.precision)
     configure(ctx)
     AuditWorker.heartbeat_interval = s.worker_heartbeat_s
     wait_until_up(ctx.audits.kv, doing="starting the worker")
