@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 MODE="${1:-gpu}"
 DEST="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$DEST"
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python3}"
 
 if ! "$PY" -c "import fastapi, pydantic_settings, rq, redis, multipart" 2>/dev/null; then
@@ -43,7 +44,8 @@ status=0
 if [ "$MODE" = "cpu" ]; then
   "$PY" benchmarks/paper_scale.py --device cpu --size 64 --database 300 --train 200 \
     --query 40 --arch small_cnn --arch-kwargs '{"width": 8}' --bits 16 --epochs 2 \
-    --batch-size 50 --gen-epochs 1 --gen-batch-size 50 --gen-width 8 --steps 3 --workers 2 \
+    --batch-size 50 --gen-epochs 1 --gen-batch-size 50 --gen-width 8 --proto-steps 60 \
+    --steps 3 --workers 2 \
     --attack-batch 40 --eps 8/255 --precision fp32 bf16 --out "$DEST/run" || status=1
   exit $status
 fi

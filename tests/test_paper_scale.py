@@ -30,7 +30,8 @@ NAME = "scenes64-small_cnn-hashnet-16"
 CPU_MODE = ["--device", "cpu", "--size", "64", "--database", "300", "--train", "200",
             "--query", "40", "--arch", "small_cnn", "--arch-kwargs", '{"width": 8}',
             "--bits", "16", "--epochs", "2", "--batch-size", "50", "--gen-epochs", "1",
-            "--gen-batch-size", "50", "--gen-width", "8", "--steps", "3", "--workers", "2",
+            "--gen-batch-size", "50", "--gen-width", "8", "--proto-steps", "60", "--steps", "3",
+            "--workers", "2",
             "--attack-batch", "40", "--eps", "8/255", "16/255", "--precision", "fp32", "bf16"]
 
 

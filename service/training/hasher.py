@@ -133,10 +133,12 @@ def train_hasher(
         )
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = images[idx].float().div_(255.0)
+            # uint8 goes to the device and is converted there (4x fewer bytes to copy; the
+            # augmentation draws its random numbers from ``gen`` on the CPU either way)
+            x = images[idx].to(dev, non_blocking=True).float().div_(255.0)
             if cfg.augment:
                 x = random_shift_flip(x, gen, max_shift=cfg.max_shift, flip=cfg.flip)
-            x, y, idx_d = x.to(dev), labels[idx].to(dev), idx.to(dev)
+            y, idx_d = labels[idx].to(dev), idx.to(dev)
             u = hasher(x)
             prog = (epoch + step / steps_per_epoch) / cfg.epochs
             loss, parts = loss_fn(u, y, idx_d, prog)
