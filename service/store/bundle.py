@@ -18,6 +18,7 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,14 @@ class Bundle:
         """uint8 images and labels of :meth:`train_positions`, taken from the gallery."""
         idx = self.train_positions(num, seed)
         return self.gallery.thumbnails[idx].copy(), self.gallery.labels[idx].copy()
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, made once per loaded bundle and kept with it: objects that other
+        packages derive from the bundle (e.g. the attacks' database context on its device)."""
+        key = f"derived:{key}"
+        if key not in self._parts:
+            self._parts[key] = build()
+        return self._parts[key]
 
     def prototype(self) -> torch.nn.Module | None:
         """The bundle's PrototypeNet (None when no generator was trained yet)."""
