@@ -243,10 +243,11 @@ def cmd_worker(argv: list[str]) -> int:
 
 
 def audit_commands() -> dict[str, str]:
-    """``hashaudit audit`` actions: one per registered audit type (plugins included once
-    imported), with its one-line summary."""
-    from service.jobs.audit_types import audit_types
+    """``hashaudit audit`` actions: one per registered audit type (``HASHAUDIT_PLUGINS``
+    included), with its one-line summary."""
+    from service.jobs.audit_types import audit_types, load_plugins
 
+    load_plugins(get_settings().plugin_list)
     return {t.cli_action: t.cli_help for t in audit_types()}
 
 

@@ -72,7 +72,9 @@ def submit_router() -> APIRouter:
         svc = service_for(state, body.model)  # type: ignore[attr-defined]
         audits = _audits(state)
         kind = audit_type(body.type)  # type: ignore[attr-defined]
-        for f in sorted(body.model_fields_set - set(COMMON_FIELDS) - set(kind.request_fields)):
+        foreign = sorted(body.model_fields_set - set(COMMON_FIELDS) - set(kind.request_fields))
+        if foreign:
+            f = foreign[0]
             raise BadInput(f'{f}: used only by "type": "{owners[f]}" audits, not by '
                            f'"type": "{kind.name}"', field=f)
         raw = body.model_dump(include=set(COMMON_FIELDS) | set(kind.request_fields))
@@ -173,12 +175,12 @@ async def download_bundle(request: Request, audit_id: str, name: str) -> Respons
     audits = _audits(get_state(request))
     status = await run_in_threadpool(audits.status, _check_id(audit_id))
     result = status["result"] or {}
-    rows = [b for b in audit_type(status["type"]).frozen_bundles(result) if b["name"] == name]
-    if not rows:
+    frozen = [b for b in audit_type(status["type"]).frozen_bundles(result) if b["name"] == name]
+    if not frozen:
         raise UnknownName(f"bundle: audit {audit_id} froze no bundle {name!r}" +
                           ("" if status["state"] == "done" else
                            f" (the audit is {status['state']})"), field="bundle")
-    info = rows[0]
+    info = frozen[0]
     data = await run_in_threadpool(_tar_folder, Path(info["path"]), info)
     return Response(data, media_type="application/gzip", headers={
         "Content-Disposition": f'attachment; filename="{name}.tar.gz"'})
