@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         artifact_dir: writable folder where backdoor audits freeze their poisoned bundles
             (``audits/<id>/<bundle>``); share it between workers and the API to download them.
         train_timeout: seconds one training chunk (a backdoor audit's retraining) may run.
+        plugins: comma-separated Python modules that ``serve``, ``worker`` and ``audit``
+            import at start; each registers audit types of its own
+            (``service.jobs.audit_types.register_audit_type``). API and workers need the
+            same list.
     """
 
     model_config = SettingsConfigDict(env_prefix="HASHAUDIT_", env_file=".env", extra="ignore")
@@ -93,10 +97,15 @@ class Settings(BaseSettings):
     shutdown_drain_s: float = Field(8.0, gt=0.0, le=3600.0)
     artifact_dir: Path = REPO_ROOT / "artifacts"
     train_timeout: int = Field(24 * 3600, ge=10)
+    plugins: str = ""
 
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def plugin_list(self) -> list[str]:
+        return [m.strip() for m in self.plugins.split(",") if m.strip()]
 
 
 @lru_cache(maxsize=1)

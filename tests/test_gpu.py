@@ -68,12 +68,12 @@ def test_backdoor_audit_chunks_run_on_cuda(cuda, tmp_path):
     from helpers import REPO
     from service.inference import BundleService
     from service.jobs.queue import run_local_audit
-    from service.jobs.spec import normalize_backdoor_spec
+    from service.jobs.spec import normalize_spec
     from service.store import ModelStore, load_bundle
 
     store = ModelStore(REPO / "model_store", "cuda")
     svc = BundleService(store.get("fmnist-dpsh-32"))
-    spec = normalize_backdoor_spec(svc, {"seed": 0, "backdoor": {
+    spec = normalize_spec(svc, {"type": "backdoor", "seed": 0, "backdoor": {
         "target": "Bag", "poisons": [20], "num_train": 500, "epochs": 1, "trigger_steps": 10}})
     queue, audit_id = run_local_audit(store, spec, artifact_dir=tmp_path)
     st = queue.status(audit_id)

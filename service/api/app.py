@@ -104,8 +104,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, metrics.error)
 
     from service.api.routes import attack, audit, health, models
+    from service.jobs.audit_types import load_plugins
 
+    load_plugins(settings.plugin_list)  # before POST /audit's body is built from the types
     app.include_router(attack.router)
+    app.include_router(audit.submit_router())
     app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(health.router)
