@@ -212,14 +212,17 @@ def build_hasher_from_checkpoint(spec: ImportSpec, checkpoint: Path | str
 
 
 def import_checkpoint(spec: ImportSpec, checkpoint: Path | str, store: Path,
-                      command: str | None = None) -> Manifest:
+                      command: str | None = None,
+                      built: tuple[Hasher, Layout, InputTransform, dict[str, Any]] | None = None
+                      ) -> Manifest:
     """Write ``store/<name>/`` from ``checkpoint``: the hasher and a manifest, not yet
-    indexed (see the module docstring). Refuses an existing bundle name."""
+    indexed (see the module docstring). Refuses an existing bundle name. ``built`` is what
+    :func:`build_hasher_from_checkpoint` returned for this spec, when it was called already."""
     name = check_bundle_name(spec.name, field="name")
     folder = Path(store) / name
     if folder.exists():
-        raise BadInput(f"name: {folder} exists already; choose another --name", field="name")
-    hasher, lay, transform, record = build_hasher_from_checkpoint(spec, checkpoint)
+        raise BadInput(f"name: {folder} exists already; choose another name", field="name")
+    hasher, lay, transform, record = built or build_hasher_from_checkpoint(spec, checkpoint)
     model = spec.model()
     ev = lay.evaluation
     own = {k: getattr(spec, k) for k in ("resize", "crop", "interpolation", "resize_mode",
@@ -233,8 +236,7 @@ def import_checkpoint(spec: ImportSpec, checkpoint: Path | str, store: Path,
                                       for k, v in own.items()}},
         "imported_at": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
-    mean = [float(v) for v in hasher.mean.flatten()]
-    std = [float(v) for v in hasher.std.flatten()]
+    _, mean, std = _transform(spec, lay)  # as given, not read back from float32 buffers
     manifest = Manifest(
         name=name, version=str(spec.version),
         created_at=provenance["imported_at"], package_version=service.__version__,
