@@ -85,17 +85,22 @@ class ModelImports:
             if ckpt.stat().st_size == 0:
                 raise BadInput("checkpoint: the uploaded file is empty", field="checkpoint")
             built = build_hasher_from_checkpoint(spec, ckpt)
+            built[3]["file"] = Path(checkpoint_name.replace("\\", "/")).name[:255] or ckpt.name
             archive.seek(0, 2)
             if archive.tell() == 0:
                 raise BadInput("archive: the uploaded file is empty", field="archive")
             archive.seek(0)
             files = extract_archive(archive, ArchiveLimits.from_settings(s), "archive")
-            db_list, q_list = unpack_model_archive(files, data / "data", "archive")
+            db_list, q_list, columns = unpack_model_archive(files, data / "data", "archive")
             del files
+            if class_names is not None and len(class_names) != columns:
+                raise BadInput(f"class_names: {len(class_names)} names for {columns} label "
+                               "columns", field="class_names")
             index = IndexSpec(database=db_list, root=data / "data", query=q_list,
                               class_names=class_names, num_query=num_query)
             index.check()
             import_checkpoint(spec, ckpt, store.root, command="POST /models", built=built)
+            ckpt.unlink()  # the bundle holds the weights (and the file's sha256)
         except BaseException:
             shutil.rmtree(data, ignore_errors=True)
             with self._lock:

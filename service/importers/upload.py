@@ -62,9 +62,9 @@ def _entries(files: dict[str, bytes], list_name: str, field: str) -> tuple[list[
 
 
 def unpack_model_archive(files: dict[str, bytes], dest: Path,
-                         field: str = "archive") -> tuple[Path, Path | None]:
+                         field: str = "archive") -> tuple[Path, Path | None, int]:
     """Check the lists of an extracted archive and write them and their images under
-    ``dest``; returns ``(database list, query list or None)``.
+    ``dest``; returns ``(database list, query list or None, label columns)``.
 
     Raises:
         BadInput: no ``database.txt`` at the root, two query lists, a malformed list, label
@@ -94,4 +94,4 @@ def unpack_model_archive(files: dict[str, bytes], dest: Path,
             raise _bad(field, f"member {name[:80]!r} would land outside the data folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(files[name])
-    return dest / DATABASE_LIST, q_list
+    return dest / DATABASE_LIST, q_list, db_cols

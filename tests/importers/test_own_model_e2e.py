@@ -122,6 +122,10 @@ def upload_model(url: str, data: dict, tmp_path: Path) -> None:
     r = post(ckpt, _archive(data, drop=first))
     assert r.status_code == 422 and r.json()["error"]["field"] == "archive", r.text
     assert "1 listed image file(s) not in the archive" in r.json()["error"]["message"]
+    form["class_names"] = "a,b"
+    r = post(ckpt, archive)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "class_names", r.text
+    form["class_names"] = ",".join(data["class_names"])
 
     r = post(ckpt, archive)
     assert r.status_code == 202, r.text
@@ -133,7 +137,8 @@ def upload_model(url: str, data: dict, tmp_path: Path) -> None:
     assert st["state"] == "done", st
     assert st["progress"] == {"done": 80, "total": 80}
     assert st["model"]["gallery_size"] == 60 and st["model"]["query_size"] == 20
-    assert st["model"]["provenance"]["checkpoint"]["sha256"] == hashlib.sha256(ckpt).hexdigest()
+    assert st["model"]["provenance"]["checkpoint"] == {
+        "file": "model.pt", "sha256": hashlib.sha256(ckpt).hexdigest()}
     names = [m["name"] for m in httpx.get(f"{url}/models", headers=KEY).json()["models"]]
     assert names == ["own", "up"]
     assert post(ckpt, archive).json()["error"]["field"] == "name"  # taken now

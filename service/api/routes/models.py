@@ -71,19 +71,25 @@ async def upload_model(
                                         "root (DeepHash list: 'path l1 ... lC', paths relative "
                                         "to the root), the images, and optionally test.txt "
                                         "(queries)")],
-    name: Annotated[str, Form(description="bundle name")],
-    arch: Annotated[str, Form(description="deephash: AlexNet, ResNet50, VGG16 ...; "
-                                          "torchvision: resnet50, vgg16_bn ...")],
-    format: Annotated[str, Form(description="deephash or torchvision")] = "deephash",
+    name: Annotated[str, Form(max_length=64, description="bundle name")],
+    arch: Annotated[str, Form(max_length=100, description="deephash: AlexNet, ResNet50, "
+                                                          "VGG16 ...; torchvision: resnet50, "
+                                                          "vgg16_bn ...")],
+    format: Annotated[str, Form(max_length=20,
+                                description="deephash or torchvision")] = "deephash",
     bits: Annotated[int | None, Form(ge=1, le=4096)] = None,
     hash_layer: Annotated[str | None, Form(max_length=100, description="torchvision: "
                                            "module path of the hash layer")] = None,
     resize: Annotated[int | None, Form(ge=1, le=4096)] = None,
     crop: Annotated[int | None, Form(ge=1, le=4096)] = None,
-    resize_mode: Annotated[str | None, Form(description="shorter or stretch")] = None,
-    interpolation: Annotated[str | None, Form(description="bilinear or bicubic")] = None,
-    mean: Annotated[str | None, Form(description="R,G,B (default ImageNet's)")] = None,
-    std: Annotated[str | None, Form(description="R,G,B (default ImageNet's)")] = None,
+    resize_mode: Annotated[str | None, Form(max_length=20,
+                                            description="shorter or stretch")] = None,
+    interpolation: Annotated[str | None, Form(max_length=20,
+                                              description="bilinear or bicubic")] = None,
+    mean: Annotated[str | None, Form(max_length=200,
+                                     description="R,G,B (default ImageNet's)")] = None,
+    std: Annotated[str | None, Form(max_length=200,
+                                    description="R,G,B (default ImageNet's)")] = None,
     class_names: Annotated[str | None, Form(max_length=100_000,
                                             description="comma separated")] = None,
     num_query: Annotated[int | None, Form(ge=1, le=10_000_000)] = None,
@@ -93,7 +99,7 @@ async def upload_model(
     from service.importers.importer import ImportSpec
 
     state = get_state(request)
-    spec = ImportSpec(format, arch[:100], name, bits=bits, hash_layer=hash_layer,
+    spec = ImportSpec(format, arch, name, bits=bits, hash_layer=hash_layer,
                       resize=resize, crop=crop, interpolation=interpolation,
                       resize_mode=resize_mode, mean=_floats(mean, "mean"),
                       std=_floats(std, "std"))
