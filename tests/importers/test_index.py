@@ -101,7 +101,8 @@ def test_an_interrupted_index_resumes_from_finished_chunks(own_data: dict, tmp_p
                                                                  "query": 20}
 
 
-def test_an_image_folder_database_without_queries(own_data: dict, tmp_path: Path) -> None:
+def test_an_image_folder_database_without_queries(own_data: dict, tmp_path: Path,
+                                                    capsys) -> None:
     folder = tmp_path / "folder"
     for k, line in enumerate(own_data["database"].read_text().splitlines()[:12]):
         cls = folder / ("even" if k % 2 == 0 else "odd")
@@ -116,3 +117,5 @@ def test_an_image_folder_database_without_queries(own_data: dict, tmp_path: Path
     assert len(b.queries) == 0 and b.manifest.evaluation == {}
     assert b.reference is not None and b.reference["kind"] == "image_folder"
     assert b.database_set().image_shape == (3, 64, 64)
+    assert main(["eval", str(store / "own"), "--device", "cpu"]) == 2  # nothing to evaluate
+    assert "no query split" in capsys.readouterr().err
