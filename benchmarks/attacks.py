@@ -22,7 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    add_device_arg,
+    add_precision_arg,
+    machine,
+    pick_device,
+    pick_precision,
+    print_table,
+    write_json,
+)
 from service.attacks import ATTACKS  # noqa: E402
 from service.attacks.runner import attack_batch  # noqa: E402
 from service.config import get_settings  # noqa: E402
@@ -80,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="iterations of iterative methods")
     p.add_argument("--out", type=Path, default=None)
     add_device_arg(p)
+    add_precision_arg(p)
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
     logging.basicConfig(level=logging.WARNING)
     settings = get_settings()
-    bundle = ModelStore(settings.model_store, device).get(args.bundle or settings.default_bundle)
+    bundle = ModelStore(settings.model_store, device, precision).get(
+        args.bundle or settings.default_bundle)
     q = bundle.queries
     n = args.num_queries or len(q)
     images, labels = q.images[:n], q.labels[:n]
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     clean = retrieval_figures(clean_codes, labels, db_codes, db_labels)
     print(f"bundle {bundle.name} ({bundle.sha[:12]}), {n} queries, {len(db_labels)} database, "
           f"{bundle.manifest.bits} bits, clean mAP@all {clean['map_all']:.4f}, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"{device} {precision}, torch threads {torch.get_num_threads()}", flush=True)
     rows = []
     for eps in args.eps:
         for method in methods:
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_curves(clean, ok, eps, path)
         plots.append(str(path))
     write_json("attacks", {
-        "machine": machine(device), "bundle": bundle.name, "sha": bundle.sha,
+        "machine": machine(device, precision), "bundle": bundle.name, "sha": bundle.sha,
         "protocol": protocol_record(), "queries": n, "clean": clean, "rows": rows,
         "table": table, "plots": plots, "uint8_rounded": True,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402  # noqa: E402
     add_device_arg,
+    add_precision_arg,
     machine,
     pick_device,
+    pick_precision,
     print_table,
     wait_ready,
     write_json,
@@ -52,12 +54,14 @@ def main() -> int:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     p.add_argument("--port", type=int, default=8795)
     add_device_arg(p)
+    add_precision_arg(p)
     p.add_argument("--poll", type=float, default=1.0, help="seconds between status polls")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
     device = pick_device(args.device)
-    models = ModelStore(args.store, device)
+    precision = pick_precision(args.precision, device)
+    models = ModelStore(args.store, device, precision)
     svc = BundleService(models.get(args.model))
     methods = args.methods or [*svc.generators, "pgd"]
     raw = {"model": args.model, "methods": methods, "eps": args.eps,
@@ -73,7 +77,7 @@ def main() -> int:
     r.flushdb()
     env = {**os.environ, "HASHAUDIT_MODEL_STORE": str(args.store),
            "HASHAUDIT_DEFAULT_BUNDLE": args.model, "HASHAUDIT_REDIS_URL": args.redis_url,
-           "HASHAUDIT_DEVICE": device}
+           "HASHAUDIT_DEVICE": device, "HASHAUDIT_PRECISION": precision}
     server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
                                str(args.port), "--no-access-log", "--log-level", "warning"],
                               env=env, cwd=REPO)
@@ -134,7 +138,8 @@ def main() -> int:
           f"in-process: {t_local:.1f} s ({n_images / t_local:.0f} img/s); "
           f"queue overhead {overhead:+.1f}%")
     write_json("audit", {
-        "machine": machine(device), "model": args.model, "spec": spec, "images": n_images,
+        "machine": machine(device, precision), "model": args.model, "spec": spec,
+        "images": n_images,
         "wall_queue_s": t_queue, "wall_queue_client_s": t_client,
         "wall_in_process_s": t_local, "overhead_pct": overhead,
         "clean_map": via_queue["clean"]["map_k"], "rows": rows, "table": table,

@@ -23,11 +23,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    add_device_arg,
+    add_precision_arg,
+    machine,
+    pick_device,
+    pick_precision,
+    print_table,
+    write_json,
+)
 from service.inference import BundleService  # noqa: E402
+from service.jobs.audit_types.backdoor import BACKDOOR_DEFAULT_POISONS, backdoor_plot  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
-from service.jobs.report import _backdoor_plot, render_html  # noqa: E402
-from service.jobs.spec import BACKDOOR_DEFAULT_POISONS, normalize_backdoor_spec  # noqa: E402
+from service.jobs.report import render_html  # noqa: E402
+from service.jobs.spec import normalize_spec  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +54,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="backdoor", help="results file stem (JSON, PNG, HTML)")
     add_device_arg(p)
+    add_precision_arg(p)
     args = p.parse_args()
     device = pick_device(args.device)
-    store = ModelStore(REPO / "model_store", device)
+    precision = pick_precision(args.precision, device)
+    store = ModelStore(REPO / "model_store", device, precision)
     svc = BundleService(store.get(args.bundle))
-    spec = normalize_backdoor_spec(svc, {"seed": args.seed, "backdoor": {
+    spec = normalize_spec(svc, {"type": "backdoor", "seed": args.seed, "backdoor": {
         "target": args.target, "poisons": args.poisons, "num_train": args.num_train,
         "epochs": args.epochs, "patch": args.patch, "save_bundles": False}})
     t0 = time.perf_counter()
@@ -76,10 +88,10 @@ def main() -> int:
         ("t_map_gain", "gain vs clean model", "+.4f"),
         ("t_map_untriggered", "t-MAP no trigger", ".4f"), ("train_s", "train s", ".0f")])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.png").write_bytes(base64.b64decode(_backdoor_plot(r)))
+    (RESULTS / f"{args.name}.png").write_bytes(base64.b64decode(backdoor_plot(r)))
     (RESULTS / f"{args.name}.html").write_text(render_html(status))
     write_json(args.name, {
-        "machine": machine(device), "bundle": args.bundle, "target": r["target_name"],
+        "machine": machine(device, precision), "bundle": args.bundle, "target": r["target_name"],
         "patch": r["patch_side"], "num_train": r["train_images"], "epochs": r["epochs"],
         "surrogate": r["surrogate"], "seconds": time.perf_counter() - t0, "rows": rows,
         "table": table})

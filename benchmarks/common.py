@@ -29,13 +29,29 @@ def pick_device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def machine(device: str | None = None) -> dict[str, Any]:
+def add_precision_arg(parser: Any) -> None:
+    """``--precision``: forward precision of the benchmarked models (recorded with the figures)."""
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 autocast + channels-last on CUDA, fp32 on CPU), fp32 "
+                             "or bf16 (default: %(default)s)")
+
+
+def pick_precision(name: str, device: str) -> str:
+    """``fp32`` or ``bf16`` for ``--precision`` on ``device`` (a clear error for a bad name)."""
+    from service.precision import resolve_precision
+
+    return resolve_precision(name, device)
+
+
+def machine(device: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """What the figures were measured on: the device they ran on (``device``; by default the
-    one ``auto`` would pick) and the host."""
+    one ``auto`` would pick), the forward precision (``precision``; by default what ``auto``
+    gives on that device) and the host."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(torch.device(dev)) if dev.startswith("cuda") else "cpu"
     return {
         "device": dev,
+        "precision": precision or pick_precision("auto", dev),
         "device_name": name,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

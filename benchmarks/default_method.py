@@ -24,7 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    add_device_arg,
+    add_precision_arg,
+    machine,
+    pick_device,
+    pick_precision,
+    print_table,
+    write_json,
+)
 from service.attacks import ATTACKS  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.data.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -73,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS / "default_method.json")
     add_device_arg(p)
+    add_precision_arg(p)
     args = p.parse_args(argv)
     device = pick_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = get_settings()
-    store = ModelStore(settings.model_store, device=device)
+    precision = pick_precision(args.precision, device)
+    store = ModelStore(settings.model_store, device=device, precision=precision)
     bundle = store.get(args.bundle or settings.default_bundle)
     svc = BundleService(bundle, seed=settings.attack_seed)
     images, labels, source = test_images(bundle, args.count)
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "default_method": svc.default_method,
         "default_method_source": svc.default_method_source,
         "bar": f"default changes >= {BAR * args.count:.0f} of {args.count} codes",
-        "machine": machine(device), "rows": rows,
+        "machine": machine(device, precision), "rows": rows,
     }, args.out)
     return 0
 

@@ -18,7 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_device_arg,
+    add_precision_arg,
+    machine,
+    pick_device,
+    pick_precision,
+    print_table,
+    write_json,
+)
 from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.spec import normalize_spec  # noqa: E402
@@ -37,9 +45,11 @@ def main() -> int:
     p.add_argument("--eps", nargs="+", default=["8/255", "16/255"])
     p.add_argument("--out", type=Path, default=None)
     add_device_arg(p)
+    add_precision_arg(p)
     args = p.parse_args()
     device = pick_device(args.device)
-    models = ModelStore(args.store, device)
+    precision = pick_precision(args.precision, device)
+    models = ModelStore(args.store, device, precision)
     svc = BundleService(models.get(args.bundle))
     methods = [m for m in UNTARGETED + TARGETED if m in svc.methods()]
     spec = normalize_spec(svc, {"methods": methods, "eps": args.eps,
@@ -71,7 +81,8 @@ def main() -> int:
         ("after", "t-MAP attacked", ".4f"), ("anchor", "ceiling: anchor code", ".4f"),
         ("proto", "ceiling: prototype code", ".4f"), ("map", "mAP@all (true labels)", ".4f"),
         ("ms", "ms/img", ".2f")])
-    write_json("families", {"machine": machine(device), "bundle": args.bundle, "clean_map": clean,
+    write_json("families", {"machine": machine(device, precision), "bundle": args.bundle,
+                            "clean_map": clean,
                             "untargeted": rows_u, "targeted": rows_t, "seconds": seconds,
                             "tables": [t1, t2]}, args.out)
     return 0

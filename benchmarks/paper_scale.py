@@ -72,6 +72,13 @@ def item_pools(log: dict[str, Any]) -> tuple[Any, Any]:
                 ArrayImageSet(b.queries.images, b.queries.labels, names, "fmnist-test"))
 
 
+def save(report: dict[str, Any]) -> None:
+    """Write the report so far (a run cut short keeps what it measured)."""
+    path = Path(report["json"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 @contextlib.contextmanager
 def stage(report: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
     """Time a stage; record its error instead of raising (later stages decide)."""
@@ -88,27 +95,25 @@ def stage(report: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
         traceback.print_exc()
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     print(f"   {name}: {'ok' if rec['ok'] else 'FAILED'} in {rec['seconds']} s", flush=True)
+    save(report)
 
 
-def folder_bytes(folder: Path, skip_prefix: str = "gen_") -> dict[str, int]:
-    """Sizes of a bundle's files; generator/prototype files are counted apart."""
+def folder_bytes(folder: Path) -> dict[str, int]:
+    """Sizes of a bundle's files, and what grows with the database: the gallery (packed
+    codes, labels, ids) and its thumbnail atlas."""
     sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
-    core = sum(v for k, v in sizes.items()
-               if not k.startswith(skip_prefix) and k != "prototype.safetensors")
-    return {"total": sum(sizes.values()), "core": core, **sizes}
+    per_db = sizes.get("gallery.safetensors", 0) + sizes.get("thumbnails.png", 0)
+    return {"total": sum(sizes.values()), "database_part": per_db, "files": sizes}
 
 
-def precision_scope(name: str) -> contextlib.AbstractContextManager[Any]:
-    """Run the attacks at ``name`` precision (fp32 or bf16)."""
-    from service.precision import use_precision
-
-    return use_precision(name)
-
-
-def code_agreement(bundle: Any, images: np.ndarray) -> dict[str, float]:
-    from service.precision import code_agreement as agree
-
-    return agree(bundle.hasher, images)
+@contextlib.contextmanager
+def precision_scope(bundle: Any, name: str) -> Iterator[None]:
+    """Run the attacks at ``name`` precision: attacks compute in their victim's precision."""
+    bundle.hasher.set_precision(name)
+    try:
+        yield
+    finally:
+        bundle.hasher.set_precision("fp32")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine(device), "args": vars(args).copy(),
-                              "stages": {}, "rows": []}
+                              "stages": {}, "rows": [],
+                              "json": str(args.json or out / "paper_scale.json")}
     report["args"]["out"] = str(out)
     scenes = out / "scenes"
     store = out / "store"
@@ -154,16 +160,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    train_seconds=manifest.training["train_seconds"])
         sizes = folder_bytes(store / name)
         rec["bundle_bytes"] = sizes
-        rec["bytes_per_database_image"] = round(sizes["core"] / args.database, 1)
-        print(f"   clean mAP@all {fig['map_all']:.4f}, bundle {sizes['core']} bytes "
-              f"({rec['bytes_per_database_image']} per database image)", flush=True)
+        rec["bytes_per_database_image"] = round(sizes["database_part"] / args.database, 1)
+        print(f"   clean mAP@all {fig['map_all']:.4f}, bundle {sizes['total']} bytes, of which "
+              f"gallery + thumbnails {rec['bytes_per_database_image']} per database image",
+              flush=True)
 
     with stage(report, "generator") as rec:
-        from service.training.generator_trainer import GeneratorConfig, train_generator
+        from service.training.generator_trainer import (
+            GeneratorConfig,
+            PrototypeConfig,
+            train_generator,
+        )
 
         gcfg = GeneratorConfig(attack="untargeted_gan", epochs=args.gen_epochs,
                                batch_size=args.gen_batch_size, width=args.gen_width,
-                               num_train=args.train, precision=args.train_precision)
+                               num_train=args.train, precision=args.train_precision,
+                               prototype=PrototypeConfig(steps=args.proto_steps))
         entry = train_generator(store / name, gcfg, device=device, progress=args.progress)
         rec["entry"] = {k: v for k, v in entry.items() if k in ("file", "eps", "arch", "params")}
 
@@ -171,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from service.attacks import ATTACKS
         from service.attacks.runner import attack_batch
         from service.evaluation import retrieval_figures
-        from service.nets.hasher import encode_uint8
+        from service.nets.hasher import encode_uint8, precision_agreement
 
         bundle = load_bundle(store / name, device)
         q = bundle.queries
@@ -180,8 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         clean = retrieval_figures(encode_uint8(bundle.hasher, images), labels, db_codes,
                                   db_labels, curves=False)
         rec["clean"] = {"map_all": clean["map_all"], "map_1000": clean["map_1000"]}
-        with contextlib.suppress(Exception):
-            rec["fp32_bf16_agreement"] = code_agreement(bundle, images)
+        rec["fp32_bf16_agreement"] = precision_agreement(bundle.hasher, images)
         for precision in args.precision:
             for eps in args.eps:
                 for method in METHODS:
@@ -191,7 +202,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "precision": precision, "eps_255": round(eps * 255, 2),
                         "method": method + (f"-{args.steps}" if cls.iterative else "")}
                     try:
-                        with precision_scope(precision):
+                        with precision_scope(bundle, precision):
+                            # warm-up on one batch (kernel selection, caches), not timed
+                            warm = {"steps": min(2, args.steps)} if cls.iterative else {}
+                            attack_batch(bundle, method, eps, images[:args.attack_batch],
+                                         labels[:args.attack_batch], seed=0,
+                                         batch_size=args.attack_batch, **warm)
                             res = attack_batch(bundle, method, eps, images, labels, seed=0,
                                                batch_size=args.attack_batch, **opts)
                         f = retrieval_figures(res.adv_codes, labels, db_codes, db_labels,
@@ -206,6 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row["error"] = f"{type(exc).__name__}: {exc}"
                         traceback.print_exc()
                     report["rows"].append(row)
+                    save(report)
                     print(f"   {precision} eps {row['eps_255']}/255 {row['method']:<16} "
                           f"mAP@all {row.get('map_all', float('nan')):.4f} "
                           f"{row.get('ms_per_image', float('nan')):.3f} ms/img", flush=True)
@@ -228,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gen-epochs", type=int, default=5)
     p.add_argument("--gen-batch-size", type=int, default=64)
+    p.add_argument("--proto-steps", type=int, default=600, help="PrototypeNet steps")
     p.add_argument("--gen-width", type=int, default=16,
                    help="generator width (64 at 224 px: the paper's shapes)")
     p.add_argument("--eps", type=parse_eps, nargs="+", default=[8 / 255, 16 / 255])
@@ -254,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
           f"queries, {args.arch} {args.loss} {args.bits} bits on {report['machine']['device']} "
           f"({report['machine']['device_name']}); clean mAP@all "
           f"{bundle.get('clean_map_all', float('nan')):.4f}; "
-          f"{bundle.get('bytes_per_database_image', '-')} bundle bytes per database image")
+          f"{bundle.get('bytes_per_database_image', '-')} bundle bytes per database image "
+          f"(gallery + thumbnails; {bundle.get('bundle_bytes', {}).get('total', '-')} bytes in "
+          "all, with the hasher weights)")
     agree = st.get("attacks", {}).get("fp32_bf16_agreement")
     if agree:
         print(f"fp32 vs bf16 clean query codes: {100 * agree['bits']:.2f} % of bits equal, "
@@ -266,10 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         ("linf_255", "L-inf (x/255)", "d"), ("ms_per_image", "ms/image", ".3f")])
     print("stages: " + ", ".join(f"{k} {v['seconds']} s{'' if v['ok'] else ' FAILED'}"
                                  for k, v in st.items()) + f"; total {report['seconds']} s")
-    path = args.json or Path(args.out) / "paper_scale.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {path}")
+    save(report)
+    print(f"wrote {report['json']}")
     failed = [k for k, v in st.items() if not v["ok"]] + \
         [r["method"] for r in report["rows"] if "error" in r]
     return 1 if failed else 0

@@ -30,7 +30,16 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, wait_ready, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_device_arg,
+    add_precision_arg,
+    machine,
+    pick_device,
+    pick_precision,
+    print_table,
+    wait_ready,
+    write_json,
+)
 from service.inference import BundleService, Query, decode_upload, encode_png  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
@@ -144,9 +153,14 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=None)
+    add_device_arg(p)
+    add_precision_arg(p)
     args = p.parse_args()
+    # the in-process pipeline, and the server this script starts, run on this device
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
 
-    bundle = ModelStore(args.store, "cpu").get(args.model)
+    bundle = ModelStore(args.store, device, precision).get(args.model)
     svc = BundleService(bundle)
     q = bundle.queries
     n = min(256, len(q))
@@ -158,7 +172,8 @@ def main() -> int:
     if args.url is None:
         port = 8790
         env = {**os.environ, "HASHAUDIT_MODEL_STORE": str(args.store),
-               "HASHAUDIT_DEFAULT_BUNDLE": args.model, "HASHAUDIT_DEVICE": "cpu",
+               "HASHAUDIT_DEFAULT_BUNDLE": args.model, "HASHAUDIT_DEVICE": device,
+               "HASHAUDIT_PRECISION": precision,
                "HASHAUDIT_MAX_BATCH": str(args.max_batch),
                "HASHAUDIT_MAX_DELAY_MS": str(args.max_delay_ms)}
         server = subprocess.Popen(
@@ -219,7 +234,9 @@ def main() -> int:
         ("ratio_full", "HTTP / in-process (max batch)", ".2f"),
     ])
     write_json("service", {
-        "machine": machine(), "model": args.model, "url": url, "seconds": args.seconds,
+        "machine": machine(device, precision), "model": args.model, "url": url,
+        "server": "started here" if server is not None else "given by --url",
+        "seconds": args.seconds,
         "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "rows": rows,
         "table": table,
     }, args.out)

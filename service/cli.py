@@ -36,23 +36,20 @@ IMPORT_COMMANDS = {
                 "also DHTA, CIBA, ProS-GAN, THA)",
     "torchvision": "a bundle from a torchvision backbone with a linear hash layer",
 }
-AUDIT_COMMANDS = {
-    "run": "run an attack audit here with a progress bar; writes report.json and .html",
-    "backdoor": "a backdoor audit here: poison, retrain per poison count, t-MAP with the "
-                "trigger",
-}
 DATA_COMMANDS = {
     "scenes": "make synthetic multi-label RGB scenes of Fashion-MNIST items as DeepHash lists",
 }
 
 
-def _open_bundle(ref: str, store: Path | None, device: str):
+def _open_bundle(ref: str, store: Path | None, device: str, precision: str = "fp32"):
     from service.store import ModelStore, load_bundle
 
     p = Path(ref)
     if p.is_dir() and (p / "manifest.json").is_file():
-        return load_bundle(p, device)
-    return ModelStore(store or get_settings().model_store, device).get(ref)
+        bundle = load_bundle(p, device)
+        bundle.hasher.set_precision(precision)
+        return bundle
+    return ModelStore(store or get_settings().model_store, device, precision).get(ref)
 
 
 def _store_option(p: argparse.ArgumentParser) -> None:
@@ -63,6 +60,12 @@ def _store_option(p: argparse.ArgumentParser) -> None:
 def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="auto, cpu, cuda or cuda:N (default: $HASHAUDIT_DEVICE or auto)")
+
+
+def _precision_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default=None,
+                   help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 "
+                        "(default: $HASHAUDIT_PRECISION or auto)")
 
 
 def _bundle_option(p: argparse.ArgumentParser) -> None:
@@ -156,6 +159,7 @@ def attack_parser() -> argparse.ArgumentParser:
                    help="target label(s) for targeted methods (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of random starts")
     _device_option(p)
+    _precision_option(p)
     p.add_argument("--out", type=Path, default=Path("attack_out"), help="output folder")
     return p
 
@@ -172,7 +176,8 @@ def cmd_attack(argv: list[str]) -> int:
 
     args = attack_parser().parse_args(argv)
     device = str(resolve_device(args.device or get_settings().device))
-    bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device)
+    bundle = _open_bundle(args.bundle or get_settings().default_bundle, args.store, device,
+                          args.precision or get_settings().precision)
     m = bundle.manifest
     inp = m.input
     resize = InputTransform.from_input(inp).resize
@@ -195,7 +200,8 @@ def cmd_attack(argv: list[str]) -> int:
               f"-> {out}")
     (args.out / "attack.json").write_text(json.dumps({
         "bundle": bundle.name, "sha": bundle.sha, "method": args.method, "eps": args.eps,
-        "seed": args.seed, "bits": m.bits, "attack_seconds": res.seconds, "images": rows,
+        "seed": args.seed, "bits": m.bits, "attack_seconds": res.seconds,
+        "device": device, "precision": bundle.hasher.precision, "images": rows,
     }, indent=2))
     print(f"wrote {args.out / 'attack.json'}")
     return 0
@@ -257,161 +263,73 @@ def cmd_worker(argv: list[str]) -> int:
     return 0
 
 
+def audit_commands() -> dict[str, str]:
+    """``hashaudit audit`` actions: one per registered audit type (``HASHAUDIT_PLUGINS``
+    included), with its one-line summary."""
+    from service.jobs.audit_types import audit_types, load_plugins
+
+    load_plugins(get_settings().plugin_list)
+    return {t.cli_action: t.cli_help for t in audit_types()}
+
+
 def audit_parser() -> argparse.ArgumentParser:
-    """``audit run`` and ``audit backdoor``: defaults as ``POST /audit`` (service.jobs.spec)."""
-    from service.jobs.spec import (
-        BACKDOOR_DEFAULT_POISONS,
-        BACKDOOR_DEFAULT_TRIGGER_STEPS,
-        DEFAULT_CHUNK,
-    )
+    """``hashaudit audit <action>``, one action per audit type: the type adds its options (with
+    the defaults ``POST /audit`` applies), the rest are common."""
+    from service.jobs.audit_types import audit_types
 
     p = new_parser("hashaudit audit", "Run a robustness audit in this process (the workers' "
                    "task code) and write report.json and report.html.")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
-
-    def add(name: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=AUDIT_COMMANDS[name], description=AUDIT_COMMANDS[name],
-                              formatter_class=HelpFormatter, prog=f"hashaudit audit {name}")
-
-    r = add("run")
-    _bundle_option(r)
-    _store_option(r)
-    r.add_argument("--methods", nargs="+", default=None,
-                   help="attack methods (default: the bundle's default method, as POST /audit)")
-    r.add_argument("--eps", nargs="+", default=["8/255"], help="one or more, e.g. 8/255 16/255")
-    r.add_argument("--count", type=int, default=None,
-                   help="audit a seeded sample of this many queries (default: the whole "
-                        "query split)")
-    r.add_argument("--seed", type=int, default=0, help="sample and attack seed")
-    r.add_argument("--top-k", type=int, default=None, help="mAP@K (default: whole gallery)")
-    r.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="queries per chunk")
-    r.add_argument("--batch-size", type=int, default=None,
-                   help="images per forward pass (default: chunk size, at most 100)")
-    r.add_argument("--transfer-to", nargs="+", default=[],
-                   help="other bundles to evaluate the adversarial queries on (transfer)")
-    _device_option(r)
-    r.add_argument("--out", type=Path, default=Path("audit_out"),
-                   help="folder for report.json and report.html")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    b = add("backdoor")
-    _bundle_option(b)
-    _store_option(b)
-    b.add_argument("--target", required=True, help="target class (index or name)")
-    b.add_argument("--poisons", type=int, nargs="+", default=list(BACKDOOR_DEFAULT_POISONS),
-                   help="poisoned training images per model (0, the baseline, is added)")
-    b.add_argument("--patch", type=int, default=None,
-                   help="trigger side in pixels (default: 10%% of the width, at least 3)")
-    b.add_argument("--num-train", type=int, default=None,
-                   help="seeded subset of the bundle's train split (default: all)")
-    b.add_argument("--epochs", type=int, default=None, help="default: the bundle's recipe")
-    b.add_argument("--perturb-eps", default="8/255",
-                   help="eps of the perturbation added to the poisoned images")
-    b.add_argument("--trigger-steps", type=int, default=BACKDOOR_DEFAULT_TRIGGER_STEPS,
-                   help="optimisation steps of the trigger")
-    b.add_argument("--seed", type=int, default=0, help="poisoning and training seed")
-    b.add_argument("--no-save", action="store_true", help="do not freeze poisoned bundles")
-    b.add_argument("--artifacts", type=Path, default=None,
-                   help="where poisoned bundles go (default: $HASHAUDIT_ARTIFACT_DIR)")
-    _device_option(b)
-    b.add_argument("--out", type=Path, default=Path("backdoor_out"),
-                   help="folder for report.json and report.html")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for kind in audit_types():
+        a = sub.add_parser(kind.cli_action, help=kind.cli_help, description=kind.cli_help,
+                           formatter_class=HelpFormatter, prog=f"hashaudit audit {kind.cli_action}")
+        _bundle_option(a)
+        _store_option(a)
+        kind.add_cli_options(a)
+        _device_option(a)
+        _precision_option(a)
+        a.add_argument("--out", type=Path, default=Path(kind.cli_out),
+                       help="folder for report.json and report.html")
+        a.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def cmd_audit(argv: list[str]) -> int:
-    """``hashaudit audit run|backdoor``: an audit in this process, with the workers' task code."""
-    from service.parsing import eps_value
-
-    args = audit_parser().parse_args(argv)
-    if args.action == "backdoor":
-        return _audit_backdoor(args)
+    """``hashaudit audit <action>``: an audit in this process, with the workers' task code."""
+    from tqdm import tqdm
 
     from service.device import resolve_device
     from service.inference import BundleService
+    from service.jobs.audit_types import audit_types, load_plugins
+    from service.jobs.queue import run_local_audit
+    from service.jobs.report import render_html
     from service.jobs.spec import normalize_spec
     from service.store import ModelStore
 
     s = get_settings()
-    device = str(resolve_device(args.device or s.device))
-    store = ModelStore(args.store or s.model_store, device)
-    name = args.bundle or s.default_bundle
-    svc = BundleService(store.get(name))
-    spec = normalize_spec(svc, {
-        "methods": args.methods, "eps": [eps_value(e) for e in args.eps],
-        "queries": {"count": args.count, "seed": args.seed}, "top_k": args.top_k,
-        "seed": args.seed, "chunk_size": args.chunk_size, "batch_size": args.batch_size,
-        "transfer_to": args.transfer_to,
-    }, max_queries=s.max_audit_queries, lookup=store.get)
-    total = spec["queries"]["count"] * len(spec["methods"]) * len(spec["eps"])
-    res = _run_local(store, spec, args, total, "img")
-    if res is None:
-        return 1
-    print(f"clean mAP@{res['protocol']['map_k']}: {res['clean']['map_k']:.4f}")
-    for a in res["attacks"]:
-        print(f"  {a['method']:>20} eps {a['eps_levels']:>3}/255: mAP {a['map_k']:.4f} "
-              f"(drop {a['drop_pct']:.1f}%), {a['ms_per_image']:.2f} ms/img")
-        for t in a.get("transfer", []):
-            print(f"  {'':>20} -> {t['model']}: mAP {t['map_clean']:.4f} -> {t['map_k']:.4f}")
-    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.html'}")
-    return 0
-
-
-def _run_local(store: Any, spec: dict[str, Any], args: argparse.Namespace, total: int,
-               unit: str, artifact_dir: Path | None = None) -> dict[str, Any] | None:
-    """Run an audit inline with a progress bar; write report.json and report.html to
-    ``args.out``. Returns the result, or None (after printing why) if it did not finish."""
-    from tqdm import tqdm
-
-    from service.jobs.queue import run_local_audit
-    from service.jobs.report import render_html
-
+    load_plugins(s.plugin_list)
+    args = audit_parser().parse_args(argv)
+    kind = next(t for t in audit_types() if t.cli_action == args.action)
+    store = ModelStore(args.store or s.model_store, str(resolve_device(args.device or s.device)),
+                       args.precision or s.precision)
+    svc = BundleService(store.get(args.bundle or s.default_bundle))
+    spec = normalize_spec(svc, kind.cli_request(args), max_queries=s.max_audit_queries,
+                          lookup=store.get)
+    total, unit = kind.cli_total(spec)
+    # a type that writes files (the backdoor audit's poisoned bundles) offers --artifacts
+    artifact_dir = getattr(args, "artifacts", None) or s.artifact_dir
     with tqdm(total=total, unit=unit, disable=args.no_progress, desc="audit") as bar:
-        queue, audit_id = run_local_audit(store, spec, get_settings().max_pixels,
-                                          progress=bar.update, artifact_dir=artifact_dir)
+        queue, audit_id = run_local_audit(store, spec, s.max_pixels, progress=bar.update,
+                                          artifact_dir=artifact_dir)
     status = queue.status(audit_id)
     if status["state"] != "done":
         print(f"error: audit {status['state']}: {status['error']}", file=sys.stderr)
-        return None
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(status["result"], indent=1))
     (args.out / "report.html").write_text(render_html(status))
-    return status["result"]
-
-
-def _audit_backdoor(args: argparse.Namespace) -> int:
-
-    from service.device import resolve_device
-    from service.errors import HashAuditError
-    from service.inference import BundleService
-    from service.jobs.spec import normalize_backdoor_spec
-    from service.store import ModelStore
-
-    s = get_settings()
-    store = ModelStore(args.store or s.model_store, str(resolve_device(args.device or s.device)))
-    try:
-        svc = BundleService(store.get(args.bundle or s.default_bundle))
-        spec = normalize_backdoor_spec(svc, {"seed": args.seed, "backdoor": {
-            "target": args.target, "poisons": args.poisons, "patch": args.patch,
-            "num_train": args.num_train, "epochs": args.epochs,
-            "perturb_eps": args.perturb_eps, "trigger_steps": args.trigger_steps,
-            "save_bundles": not args.no_save}})
-    except HashAuditError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    b = spec["backdoor"]
-    res = _run_local(store, spec, args, len(b["poisons"]) * b["epochs"], "epoch",
-                     artifact_dir=args.artifacts or s.artifact_dir)
-    if res is None:
-        return 1
-    print(f"target {res['target_name']}, trigger {res['patch_side']} px, "
-          f"{res['train_images']} training images, {res['epochs']} epochs")
-    for row in res["rows"]:
-        where = f"  -> {row['bundle']['path']}" if row["bundle"] else ""
-        print(f"  poisons {row['poisons']:>5}: clean mAP {row['clean_map']:.4f}  t-MAP "
-              f"triggered {row['t_map_triggered']:.4f} (no trigger "
-              f"{row['t_map_untriggered']:.4f}){where}")
+    for line in kind.cli_summary(status["result"]):
+        print(line)
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.html'}")
     return 0
 
@@ -691,7 +609,7 @@ def command_lines() -> list[tuple[str, str]]:
     ``train`` and ``audit`` list their subcommands."""
     from service.training.commands import TRAIN_COMMANDS
 
-    nested = {"train": TRAIN_COMMANDS, "audit": AUDIT_COMMANDS, "data": DATA_COMMANDS,
+    nested = {"train": TRAIN_COMMANDS, "audit": audit_commands(), "data": DATA_COMMANDS,
               "import": IMPORT_COMMANDS}
     out = []
     for name in COMMANDS:

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
         model_store: folder holding bundle folders.
         default_bundle: bundle used when a request or command names none.
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: forward precision of served and audited models: ``auto`` (bf16 autocast
+            and channels-last on CUDA, fp32 on CPU), ``fp32`` or ``bf16``. Attacks keep their
+            perturbation, projection and uint8 rounding in float32 either way.
         fmnist_dir: folder of the Fashion-MNIST IDX files.
         host / port: where ``hashaudit serve`` listens.
         api_keys: comma-separated keys; when set, every endpoint but ``/health/*`` needs one
@@ -61,6 +64,10 @@ class Settings(BaseSettings):
             and ``artifact_dir`` for the uploaded images (``models/<name>/``). The request
             body limit is ``max_archive_bytes`` and the archive limits are those of
             ``POST /audit/uploads``.
+        plugins: comma-separated Python modules that ``serve``, ``worker`` and ``audit``
+            import at start; each registers audit types of its own
+            (``service.jobs.audit_types.register_audit_type``). API and workers need the
+            same list.
     """
 
     model_config = SettingsConfigDict(env_prefix="HASHAUDIT_", env_file=".env", extra="ignore")
@@ -68,6 +75,7 @@ class Settings(BaseSettings):
     model_store: Path = REPO_ROOT / "model_store"
     default_bundle: str = "fmnist-dpsh-32"
     device: str = "auto"
+    precision: str = "auto"
     fmnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -96,10 +104,15 @@ class Settings(BaseSettings):
     artifact_dir: Path = REPO_ROOT / "artifacts"
     train_timeout: int = Field(24 * 3600, ge=10)
     model_uploads: bool = False
+    plugins: str = ""
 
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def plugin_list(self) -> list[str]:
+        return [m.strip() for m in self.plugins.split(",") if m.strip()]
 
 
 @lru_cache(maxsize=1)

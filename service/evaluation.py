@@ -1,7 +1,8 @@
-"""Clean retrieval figures of a hasher under the recorded protocol.
+"""Retrieval figures of a hasher under the recorded protocol.
 
-Shared by ``hashaudit eval``, bundle building and (later) audits, so every figure in the
-project comes from one function.
+Shared by ``hashaudit eval``, bundle building and audits, so every figure in the project
+comes from one place: :func:`retrieval_figures` (the protocol's figures and curves) and
+:func:`audit_figures` (the same plus mAP@K and t-MAP, every figure of an audit row).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from service.retrieval.metrics import (
     precision_at_n_curve,
     precision_within_radius,
     relevance,
+    targeted_map,
 )
 from service.retrieval.ranking import hamming_distance_pm1
 
@@ -70,6 +72,36 @@ def retrieval_figures(
     out["num_queries"] = int(query_codes.shape[0])
     out["num_database"] = int(db_codes.shape[0])
     out["bits"] = bits
+    return out
+
+
+def audit_figures(
+    query_codes: np.ndarray,
+    query_labels: np.ndarray,
+    db_codes: np.ndarray,
+    db_labels: np.ndarray,
+    top_k: int | None,
+    targets: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Every retrieval figure of one audit row, in one call: those of
+    :func:`retrieval_figures` (with curves), ``map_k`` (mAP@``top_k``; None = the whole
+    gallery) and, given one target label per query, ``t_map`` (mAP@``top_k`` where relevance
+    means sharing the target label).
+
+    Args:
+        query_codes, query_labels, db_codes, db_labels: as :func:`retrieval_figures`.
+        top_k: the audit's mAP cut-off; None (mAP@all) and 1000 reuse those figures.
+        targets: (Q, C) multi-hot target labels of a targeted attack, or None.
+    """
+    out = retrieval_figures(query_codes, query_labels, db_codes, db_labels)
+    if top_k is None:
+        out["map_k"] = out["map_all"]
+    elif top_k == 1000:
+        out["map_k"] = out["map_1000"]
+    else:
+        out["map_k"] = map_at_k(query_codes, db_codes, query_labels, db_labels, top_k)
+    if targets is not None:
+        out["t_map"] = targeted_map(query_codes, db_codes, targets, db_labels, top_k)
     return out
 
 

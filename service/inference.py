@@ -527,12 +527,15 @@ class BundleService:
         q = self.bundle.queries
         if len(q) == 0:
             return
-        query = Query(image=q.images[0], labels=q.labels[0], top_k=1)
+        # a mid-grey image: serving must not need the data source of a bundle whose queries
+        # are read through it
+        image = np.full(self.transform.shape, 128, np.uint8)
+        query = Query(image=image, labels=q.labels[0], top_k=1)
         self.encode([query])
         self.attack(self.default_method, min(DEFAULT_EPS, self.max_eps), [query])
         if self.label_free_method:
             self.attack(self.label_free_method, min(DEFAULT_EPS, self.max_eps),
-                        [Query(image=q.images[0], top_k=1)])
+                        [Query(image=image, top_k=1)])
 
     # ---- thumbnails (any thread)
 

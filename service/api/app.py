@@ -65,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_batch=settings.max_batch, max_delay_ms=settings.max_delay_ms,
         max_queue=settings.max_queue, on_batch=on_batch, on_depth=metrics.queue_depth.set,
         on_reject=metrics.queue_rejected.inc)
-    state = AppState(settings=settings, store=ModelStore(settings.model_store, device),
+    store = ModelStore(settings.model_store, device, settings.precision)
+    state = AppState(settings=settings, store=store,
                      metrics=metrics, batcher=batcher, device=device)
 
     @asynccontextmanager
@@ -74,7 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         batcher.start()
         state.audits = make_audit_queue(settings, state.store)
-        log.info("loading bundles from %s on %s; audits run %s", settings.model_store, device,
+        log.info("loading bundles from %s on %s (%s); audits run %s", settings.model_store,
+                 device, store.precision,
                  "on Redis workers" if settings.redis_url else "in this process")
 
         async def load() -> None:
@@ -111,8 +113,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, metrics.error)
 
     from service.api.routes import attack, audit, health, models
+    from service.jobs.audit_types import load_plugins
 
+    load_plugins(settings.plugin_list)  # before POST /audit's body is built from the types
     app.include_router(attack.router)
+    app.include_router(audit.submit_router())
     app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -9,6 +9,12 @@ The base class owns what every attack must honour:
 * :func:`to_uint8_within` rounds to the uint8 grid a user receives (PNG) without leaving
   the ball, so true per-pixel L-inf <= eps also after rounding;
 * randomness (random starts, sampled targets) comes from a generator seeded per call.
+
+Precision: attacks run in the victim's precision (``Hasher.set_precision``; bf16 autocast on
+CUDA when the API, a worker or a benchmark asks for it). The hasher's forward pass runs under
+autocast and hands back float32 outputs, so objectives and their gradients with respect to
+the float32 images are float32; the perturbation, the projection and :func:`to_uint8_within`
+never leave float32, so bf16 changes which pixels move, never how far.
 """
 
 from __future__ import annotations
@@ -129,6 +135,11 @@ class Attack(abc.ABC):
     @property
     def device(self) -> torch.device:
         return next(self.hasher.parameters()).device
+
+    @property
+    def precision(self) -> str:
+        """The victim's forward precision (``fp32`` or ``bf16``), which the attack runs in."""
+        return self.hasher.precision
 
     @abc.abstractmethod
     def perturb(

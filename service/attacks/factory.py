@@ -11,17 +11,18 @@ from service.attacks.generator_attack import GeneratorAttack
 
 
 def bundle_context(bundle: Any) -> AttackContext:
-    """Database codes/labels and PrototypeNet of a bundle, on its device (cached on it)."""
-    ctx = bundle._parts.get("attack_context")
-    if ctx is None:
+    """Database codes/labels and PrototypeNet of a bundle, on its device (made once per
+    loaded bundle and kept with it, :meth:`service.store.Bundle.cached`)."""
+
+    def build() -> AttackContext:
         dev = bundle.device
-        ctx = AttackContext(
+        return AttackContext(
             torch.from_numpy(bundle.gallery.codes(bundle.manifest.bits)).float().to(dev),
             torch.from_numpy(bundle.gallery.labels).float().to(dev),
             bundle.prototype(),
         )
-        bundle._parts["attack_context"] = ctx
-    return ctx
+
+    return bundle.cached("attack_context", build)
 
 
 def attack_for_bundle(bundle: Any, method: str, eps: float, seed: int = 0,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from service.attacks.base import Attack, AttackInputError, register_attack
+from service.precision import as_batch, autocast, to_memory_format
 
 
 class GeneratorAttack(Attack):
@@ -69,6 +70,11 @@ class GeneratorAttack(Attack):
         for m in (self.prototype, self.decoder, self.generator):
             if m is not None:
                 m.eval().requires_grad_(False)
+        # The generator runs in the victim's precision (bf16 on CUDA: channels-last too).
+        self.channels_last = self.hasher.channels_last
+        for m in (self.decoder, self.generator):
+            if m is not None:
+                to_memory_format(m, self.channels_last)
 
     def label_maps(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoded label maps; each distinct label set in the batch is decoded once."""
@@ -77,11 +83,11 @@ class GeneratorAttack(Attack):
         return maps[inverse]
 
     def perturb(self, x, labels, target, gen):
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, x.device):
             cond = (self.label_maps(target if self.targeted else labels)
                     if self.conditional else None)
-            delta = self.generator(x, cond, self.scale_eps)
-        return (x + delta).clone()
+            delta = self.generator(as_batch(x, self.channels_last), cond, self.scale_eps)
+        return (x + delta.float()).clone()
 
 
 @register_attack("untargeted_gan")

@@ -62,6 +62,6 @@ def context_from_settings(settings: Settings | None = None, models: Any = None) 
 
     s = settings or get_settings()
     kv = redis_client(s.redis_url) if s.redis_url else MemoryKV()
-    models = models or ModelStore(s.model_store, str(resolve_device(s.device)))
+    models = models or ModelStore(s.model_store, str(resolve_device(s.device)), s.precision)
     return JobContext(models=models, audits=AuditStore(kv, s.redis_prefix),
                             max_pixels=s.max_pixels, artifact_dir=s.artifact_dir)

@@ -22,16 +22,10 @@ from typing import Any
 from service.config import Settings
 from service.jobs import tasks
 from service.jobs.audit_store import FINAL, AuditStore
+from service.jobs.audit_types import DEFAULT_TYPE, type_of
 from service.jobs.context import JobContext, configure, context_from_settings
 from service.jobs.kv import MemoryKV
 from service.jobs.outage import TRANSIENT
-from service.jobs.spec import (
-    TRIGGER_CHUNK,
-    chunk_keys,
-    is_backdoor,
-    n_query_chunks,
-    parse_chunk,
-)
 
 log = logging.getLogger(__name__)
 
@@ -105,34 +99,35 @@ class RQRunner:
 
     def enqueue(self, audit_id: str, chunks: list[str], spec: dict[str, Any],
                 create: Callable[[Any], None]) -> None:
-        """One job per chunk; a backdoor audit's later chunks depend on its trigger chunk.
+        """One job per chunk, with an RQ dependency on each chunk its type says it reads.
 
-        ``create(pipe)`` writes the audit record. For an attack audit it goes into the same
-        MULTI/EXEC transaction as the jobs: if Redis goes away mid-submit, either the audit
-        and all its chunks exist or nothing does (no audit left queued without jobs).
-        A retried chunk (its worker died, or it failed) goes to the front of the queue, so
-        an audit in progress is not delayed behind every audit queued after it."""
+        ``create(pipe)`` writes the audit record. When no chunk depends on another it goes
+        into the same MULTI/EXEC transaction as the jobs: if Redis goes away mid-submit,
+        either the audit and all its chunks exist or nothing does (no audit left queued
+        without jobs). Jobs with dependencies are enqueued one by one, in plan order (RQ
+        checks each dependency as it enqueues). A retried chunk (its worker died, or it
+        failed) goes to the front of the queue, so an audit in progress is not delayed
+        behind every audit queued after it."""
         from rq import Retry
 
         s = self.settings
-        backdoor = is_backdoor(spec)
-        timeout = s.train_timeout if backdoor else s.chunk_timeout
+        kind = type_of(spec)
+        timeout = kind.job_timeout(s)
 
-        def put(c: str, pipe: Any = None, depends_on: str | None = None) -> None:
+        def put(c: str, pipe: Any = None) -> None:
+            deps = [self.job_id(audit_id, d) for d in kind.depends_on(spec, c)]
             self.queue.enqueue_call(
                 tasks.run_chunk, args=(audit_id, c), job_id=self.job_id(audit_id, c),
-                timeout=timeout, depends_on=depends_on,
+                timeout=timeout, depends_on=deps or None,
                 retry=(Retry(max=s.chunk_retries, enqueue_at_front=True)
                        if s.chunk_retries > 0 else None),
                 result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
                 description=f"audit {audit_id} chunk {c}", pipeline=pipe)
 
-        if backdoor:
+        if any(kind.depends_on(spec, c) for c in chunks):
             create(None)
-            first, rest = chunks[0], chunks[1:]
-            put(first)
-            for c in rest:
-                put(c, depends_on=self.job_id(audit_id, first))
+            for c in chunks:
+                put(c)
             return
         with self.connection.pipeline() as pipe:
             for c in chunks:
@@ -197,7 +192,7 @@ class AuditQueue:
 
     def submit(self, spec: dict[str, Any]) -> str:
         audit_id = uuid.uuid4().hex[:16]
-        chunks = chunk_keys(spec)
+        chunks = type_of(spec).chunk_keys(spec)
         self.runner.enqueue(audit_id, chunks, spec,
                             lambda kv: self.store.create(audit_id, spec, len(chunks), kv=kv))
         log.info("audit %s: %d chunks queued (%s)", audit_id, len(chunks),
@@ -207,7 +202,7 @@ class AuditQueue:
     def run_now(self, spec: dict[str, Any], progress: Callable[[int], None] | None = None) -> str:
         """Run an audit inline in this process (the CLI); same task code as the workers."""
         audit_id = uuid.uuid4().hex[:16]
-        chunks = chunk_keys(spec)
+        chunks = type_of(spec).chunk_keys(spec)
         st = self.store
         st.create(audit_id, spec, len(chunks))
         st.mark_running(audit_id)
@@ -227,23 +222,24 @@ class AuditQueue:
             return self.status(audit_id)
         self.store.cancel(audit_id)
         self.store.finish(audit_id, "cancelled", error="cancelled by request")
-        dropped = self.runner.cancel(audit_id, chunk_keys(rec["spec"]))
+        dropped = self.runner.cancel(audit_id, type_of(rec["spec"]).chunk_keys(rec["spec"]))
         log.info("audit %s cancelled; %d queued chunks dropped", audit_id, dropped)
         return self.status(audit_id)
 
     def status(self, audit_id: str, with_result: bool = True) -> dict[str, Any]:
         rec = self.store.record(audit_id)
         spec = rec["spec"]
+        kind = type_of(spec)
         done = self.store.done_chunks(audit_id)
         if rec["state"] not in FINAL and self._reconcile(audit_id, spec, done):
             rec = self.store.record(audit_id)
-        progress = (self._backdoor_progress(audit_id, spec, done) if is_backdoor(spec)
-                    else self._attack_progress(spec, done))
+        inside = self.store.progress(audit_id) if kind.chunk_progress else {}
+        progress = kind.progress(spec, done, inside)
         progress.update(done_chunks=len(done), total_chunks=rec["n_chunks"])
         now = time.time()
         started, finished_at = rec["started_at"], rec["finished_at"]
         out = {
-            "id": audit_id, "type": spec.get("type", "attack"), "state": rec["state"],
+            "id": audit_id, "type": spec.get("type", DEFAULT_TYPE), "state": rec["state"],
             "error": rec["error"], "model": spec["model"],
             "methods": spec.get("methods", []), "eps": spec.get("eps", []),
             "progress": progress,
@@ -264,7 +260,7 @@ class AuditQueue:
         """Fail the audit when a chunk's job failed for good (its retries used up), so an
         audit never stays running forever. True if it changed the record."""
         finished = set(done)
-        pending = [c for c in chunk_keys(spec) if c not in finished]
+        pending = [c for c in type_of(spec).chunk_keys(spec) if c not in finished]
         if not pending:
             return False
         failed = self.runner.failed(audit_id, pending)
@@ -273,39 +269,6 @@ class AuditQueue:
         chunk, why = failed[0]
         return self.store.finish(audit_id, "failed", error=f"chunk {chunk}: {why}")
 
-    @staticmethod
-    def _attack_progress(spec: dict[str, Any], done: list[str]) -> dict[str, Any]:
-        per_method = {}
-        cs, total_q = spec["chunk_size"], spec["queries"]["count"]
-        n_chunks_per = n_query_chunks(spec)
-        for m in spec["methods"]:
-            finished = [parse_chunk(c) for c in done if c.startswith(m + "|")]
-            imgs = sum(min(cs, total_q - c * cs) for _, _, c in finished)
-            per_method[m] = {"done_images": imgs, "total_images": total_q * len(spec["eps"]),
-                             "done_chunks": len(finished),
-                             "total_chunks": n_chunks_per * len(spec["eps"])}
-        return {
-            "done_images": sum(v["done_images"] for v in per_method.values()),
-            "total_images": sum(v["total_images"] for v in per_method.values()),
-            "per_method": per_method,
-        }
-
-    def _backdoor_progress(self, audit_id: str, spec: dict[str, Any],
-                           done: list[str]) -> dict[str, Any]:
-        """Per stage: queued / running (with its epoch) / done; epochs trained in all."""
-        info = self.store.progress(audit_id)
-        epochs = spec["backdoor"]["epochs"]
-        stages, done_epochs = {}, 0
-        for c in chunk_keys(spec):
-            st = {"state": "done" if c in done else ("running" if c in info else "queued")}
-            if c in info and c not in done:
-                st.update(info[c])
-            if c != TRIGGER_CHUNK:
-                done_epochs += epochs if c in done else int(info.get(c, {}).get("epoch", 0))
-            stages[c.split("|", 1)[1]] = st
-        n_models = len(spec["backdoor"]["poisons"])
-        return {"done_epochs": done_epochs, "total_epochs": n_models * epochs,
-                "stages": stages}
 
 def make_audit_queue(settings: Settings, models: Any) -> AuditQueue:
     """Redis + RQ when ``redis_url`` is set, else the in-process runner."""

@@ -36,6 +36,7 @@ from rq.worker import WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from service.config import Settings, get_settings
+from service.jobs.audit_types import load_plugins
 from service.jobs.context import configure, context_from_settings
 from service.jobs.outage import OUTAGE, TRANSIENT, RateLimitFilter, retry, wait_until_up
 from service.jobs.queue import QUEUE_NAME
@@ -208,6 +209,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False,
     if not s.redis_url:
         raise SystemExit("hashaudit worker needs HASHAUDIT_REDIS_URL (e.g. redis://host:6379/0);"
                          " without Redis, `hashaudit serve` runs audits in-process")
+    load_plugins(s.plugin_list)
     ctx = context_from_settings(s)
     loaded = []
     for bundle in ctx.models.names():
@@ -216,8 +218,8 @@ def run_worker(settings: Settings | None = None, burst: bool = False,
             loaded.append(bundle)
         except Exception as exc:  # noqa: BLE001 - a broken bundle must not stop the rest
             log.error("bundle %s not loaded: %s", bundle, exc)
-    log.info("worker: bundles loaded: %s (device %s)", ", ".join(loaded) or "none",
-             ctx.models.device)
+    log.info("worker: bundles loaded: %s (device %s, %s)", ", ".join(loaded) or "none",
+             ctx.models.device, ctx.models.precision)
     configure(ctx)
     AuditWorker.heartbeat_interval = s.worker_heartbeat_s
     wait_until_up(ctx.audits.kv, doing="starting the worker")

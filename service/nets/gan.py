@@ -126,7 +126,8 @@ class PerturbationGenerator(nn.Module):
         h = self.decode[:3](self.res(self.encode[6:](e2)))
         h = self.decode[3:](torch.cat([h, e2], 1) if self.skips else h)
         h = torch.cat([h, e1, x], 1) if self.skips else torch.cat([h, x], 1)
-        return eps * torch.tanh(self.out(h))
+        # tanh and the eps scaling in float32: the perturbation stays float32 under autocast
+        return eps * torch.tanh(self.out(h).float())
 
 
 @NETS.register("label_discriminator")

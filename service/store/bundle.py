@@ -191,6 +191,14 @@ class Bundle:
         return images.copy() if isinstance(s, ArrayImageSet) else images, \
             self.gallery.labels[idx].copy()
 
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, made once per loaded bundle and kept with it: objects that other
+        packages derive from the bundle (e.g. the attacks' database context on its device)."""
+        key = f"derived:{key}"
+        if key not in self._parts:
+            self._parts[key] = build()
+        return self._parts[key]
+
     def prototype(self) -> torch.nn.Module | None:
         """The bundle's PrototypeNet (None when no generator was trained yet)."""
 

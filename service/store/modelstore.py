@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from service.errors import InvalidName, UnknownName
+from service.precision import resolve_precision
 from service.store.bundle import MANIFEST, Bundle, load_bundle
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,18 @@ def check_bundle_name(name: str, field: str = "model") -> str:
 
 
 class ModelStore:
-    """Lists and loads bundles from ``root``; loaded bundles are cached (thread-safe)."""
+    """Lists and loads bundles from ``root``; loaded bundles are cached (thread-safe).
 
-    def __init__(self, root: Path | str, device: str | torch.device = "cpu") -> None:
+    ``precision`` (``auto``, ``fp32`` or ``bf16``; see :mod:`service.precision`) is set on
+    every hasher it loads, so encoding and attacks run in it; the default ``fp32`` computes
+    what the bundle's recorded figures were computed with.
+    """
+
+    def __init__(self, root: Path | str, device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> None:
         self.root = Path(root)
         self.device = device
+        self.precision = resolve_precision(precision, device)
         self._cache: dict[str, Bundle] = {}
         self._lock = threading.Lock()
 
@@ -58,5 +66,7 @@ class ModelStore:
             if name not in self._cache:
                 path = self.path(name)
                 log.info("loading bundle %s from %s", name, path)
-                self._cache[name] = load_bundle(path, self.device)
+                bundle = load_bundle(path, self.device)
+                bundle.hasher.set_precision(self.precision)
+                self._cache[name] = bundle
             return self._cache[name]

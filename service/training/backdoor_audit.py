@@ -1,6 +1,6 @@
 """The backdoor audit's chunks, run by workers (``POST /audit`` with ``"type": "backdoor"``).
 
-A backdoor audit is a few long chunks (see :func:`service.jobs.spec.chunk_keys`):
+A backdoor audit is a few long chunks (see :mod:`service.jobs.audit_types.backdoor`):
 
 * ``backdoor|trigger``: the trigger patch, optimised once on the bundle's hasher (the
   surrogate), with the surrogate's own triggered t-MAP. Every other chunk waits for it (an RQ
@@ -11,8 +11,8 @@ A backdoor audit is a few long chunks (see :func:`service.jobs.spec.chunk_keys`)
   ``p0`` is the clean baseline, trained the same way on the clean set.
 
 Chunks report epochs through the audit store's progress hash and stop at the next step when
-the audit is cancelled. The jobs package imports this module by name only when a worker runs
-such a chunk (``service.jobs.tasks.BACKDOOR_TASKS``).
+the audit is cancelled. The jobs package names :func:`compute_chunk` by a dotted string
+(``BackdoorAudit.chunk_function``) and imports it only where such a chunk runs.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 
 from service.errors import ConfigError
 from service.jobs.audit_store import pack_arrays, unpack_arrays
+from service.jobs.audit_types.backdoor import TRIGGER_CHUNK, parse_backdoor_chunk
+from service.jobs.audit_types.base import Cancelled, check_bundle
 from service.jobs.context import JobContext
-from service.jobs.spec import TRIGGER_CHUNK, parse_backdoor_chunk
-from service.jobs.tasks import Cancelled, check_bundle
 from service.retrieval.metrics import targeted_map
 from service.training.backdoor import (
     BackdoorConfig,

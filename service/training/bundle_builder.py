@@ -104,6 +104,7 @@ def build_bundle(
             "history": history,
             "train_seconds": round(train_seconds, 1),
             "device": str(device),
+            "precision": history[-1].get("precision") if history else None,
         },
         dataset={
             "name": db_pool.name.rsplit("-", 1)[0] if db_pool.name.endswith("-train")

@@ -43,6 +43,13 @@ from service.errors import ConfigError
 from service.nets import create_net
 from service.nets.gan import small_shapes
 from service.nets.hasher import encode_uint8
+from service.precision import (
+    as_batch,
+    autocast,
+    check_precision,
+    resolve_precision,
+    to_memory_format,
+)
 from service.store.bundle import Bundle, load_bundle
 from service.store.generator_parts import save_generator, save_prototype
 from service.training.checkpoint import load_checkpoint, save_checkpoint
@@ -90,7 +97,11 @@ class GeneratorConfig:
     margin: float = 0.5  # uaa_gan: triplet margin on the relaxed-code distance (range 0..4)
     cam_weight: float = 0.5  # saliency_gan: lambda of L_cam = -||CAM(x) - CAM(x_adv)||_2
     seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast + channels-last on CUDA, fp32 else), fp32, bf16
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     def weights(self) -> tuple[float, float, float]:
         """(a, b, c): hashing/metric term, reconstruction, GAN term."""
@@ -228,6 +239,10 @@ def train_generator(
 ) -> dict[str, Any]:
     """Train (PrototypeNet if missing, then) decoder + generator + discriminator; save them.
 
+    ``cfg.precision``: forward passes of the networks and the frozen hasher run under bf16
+    autocast (channels-last on CUDA) or in fp32; losses, the perturbation and the adversarial
+    image are float32. The precision used is recorded in the entry's ``training.precision``.
+
     Returns the manifest entry of the new generator.
     """
     if cfg.attack not in VARIANTS:
@@ -238,8 +253,10 @@ def train_generator(
     if not 0 < cfg.eps_min <= cfg.eps_max <= 1:
         raise ConfigError("need 0 < eps_min <= eps_max <= 1", field="eps")
     dev = resolve_device(device)
+    precision = resolve_precision(cfg.precision, dev)
     bundle = load_bundle(bundle_path, dev)
-    hasher = bundle.hasher
+    hasher = bundle.hasher.set_precision(precision)
+    cl = hasher.channels_last
     images, labels = _train_images(bundle, cfg.num_train, cfg.seed)
     m = bundle.manifest
     label_free = cfg.attack in LABEL_FREE
@@ -262,6 +279,16 @@ def train_generator(
                else create_net("label_decoder", **shapes["label_decoder"]).to(dev))
     generator = create_net("perturbation_generator", **shapes["perturbation_generator"]).to(dev)
     disc = create_net("label_discriminator", **shapes["label_discriminator"]).to(dev)
+    for mod_ in (decoder, generator, disc):
+        if mod_ is not None:
+            to_memory_format(mod_, cl)
+
+    def fwd(module: Any, *args: Any) -> torch.Tensor:
+        """``module(*args)`` in the training precision; float32 out."""
+        with autocast(precision, dev):
+            return module(*(as_batch(a, cl) if isinstance(a, torch.Tensor) else a
+                            for a in args)).float()
+
     g_params = [*generator.parameters()] + ([] if decoder is None else [*decoder.parameters()])
     opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
@@ -299,26 +326,27 @@ def train_generator(
                 p = None if label_free else proto(cond_labels)
                 u0 = hasher(x)
                 scale = scale_for(u0)
-            cond = None if p is None else decoder(p["feature"])
-            delta = generator(x, cond, eps)
+            cond = None if p is None else fwd(decoder, p["feature"])
+            delta = fwd(generator, x, cond, eps)
             x_adv = (x + delta).clamp(0, 1)
             if label_free:
                 # UAA-GAN: LSGAN, L2 reconstruction, hard-negative metric term
-                d_loss = ((disc(x) - 1).pow(2).mean() + disc(x_adv.detach()).pow(2).mean())
+                d_loss = ((fwd(disc, x) - 1).pow(2).mean()
+                          + fwd(disc, x_adv.detach()).pow(2).mean())
                 opt_d.zero_grad()
                 d_loss.backward()
                 opt_d.step()
                 u = hasher(x_adv)
                 l_t = _metric_term(u0, u, scale, cfg.margin)
                 l_q = (x_adv - x).flatten(1).norm(dim=1).mean()
-                l_d = (disc(x_adv) - 1).pow(2).mean()
+                l_d = (fwd(disc, x_adv) - 1).pow(2).mean()
                 names = ("l_metric", "l_recon", "l_gan")
             else:
                 real_t = torch.cat([y, torch.ones_like(y[:, :1])], 1)
                 fake_t = torch.cat([y, torch.zeros_like(y[:, :1])], 1)
                 if c > 0:
-                    d_loss = ((disc(x) - real_t).pow(2).sum(1).mean()
-                              + (disc(x_adv.detach()) - fake_t).pow(2).sum(1).mean())
+                    d_loss = ((fwd(disc, x) - real_t).pow(2).sum(1).mean()
+                              + (fwd(disc, x_adv.detach()) - fake_t).pow(2).sum(1).mean())
                     opt_d.zero_grad()
                     d_loss.backward()
                     opt_d.step()
@@ -327,7 +355,8 @@ def train_generator(
                 u = hasher(x_adv)
                 l_t = _hash_term(cfg, u, p["code"], u0, scale)
                 l_q = (x_adv - x).pow(2).mean()
-                l_d = (disc(x_adv) - real_t).pow(2).sum(1).mean() if c > 0 else torch.zeros(())
+                l_d = ((fwd(disc, x_adv) - real_t).pow(2).sum(1).mean() if c > 0
+                       else torch.zeros(()))
                 names = ("l_t", "l_q", "l_d")
             loss = a * l_t + b * l_q + c * l_d
             if not label_free:
@@ -354,13 +383,15 @@ def train_generator(
             save_checkpoint(checkpoint_dir, modules, _Pair(opt_g, opt_d),  # type: ignore
                             {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()})
     generator.eval()
+    to_memory_format(generator, False)
     arch = {"perturbation_generator": shapes["perturbation_generator"]}
     if decoder is not None:
         decoder.eval()
+        to_memory_format(decoder, False)
         arch["label_decoder"] = shapes["label_decoder"]
     training = {"config": cfg.to_dict(), "history": history, "train_images": n,
                 "seconds": round(time.perf_counter() - t_all, 1), "device": str(dev),
-                "eps_range": [cfg.eps_min, cfg.eps_max]}
+                "precision": precision, "eps_range": [cfg.eps_min, cfg.eps_max]}
     manifest = save_generator(bundle_path, cfg.attack, cfg.eps_max,
                               None if decoder is None else decoder.cpu(), generator.cpu(), arch,
                               training, {})

@@ -21,6 +21,7 @@ from service.device import resolve_device
 from service.errors import ConfigError
 from service.nets import Hasher, build_hasher
 from service.nets.hasher import encode_uint8
+from service.precision import check_precision, resolve_precision
 from service.training.checkpoint import load_checkpoint, save_checkpoint
 from service.training.losses import LOSSES, classification_loss
 
@@ -47,6 +48,10 @@ class HasherConfig:
     seed: int = 0
     mean: list[float] = field(default_factory=lambda: [0.2860])
     std: list[float] = field(default_factory=lambda: [0.3530])
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), fp32 or bf16
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,27 +76,32 @@ def train_hasher(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     hook: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[Hasher, list[dict[str, float]]]:
+) -> tuple[Hasher, list[dict[str, Any]]]:
     """Train a hasher; resume from ``checkpoint_dir`` when it holds a checkpoint of ``cfg``.
 
     ``hook`` (if given) is called every 20 steps and after each epoch with ``epoch``,
     ``epochs``, ``step`` and ``steps``; an exception it raises stops training (jobs use it for
     progress and cancel).
 
+    ``cfg.precision`` sets the hasher's forward precision while training (``auto``: bf16
+    autocast and channels-last on CUDA, fp32 elsewhere); losses are computed in float32.
+    Each history record names the precision its epoch ran in (``precision``).
+
     Randomness (init, shuffling, augmentation) derives from ``cfg.seed`` and the epoch number,
     so a resumed run continues exactly as an uninterrupted one would.
 
     Returns:
-        The trained hasher (eval mode, on CPU) and the per-epoch history.
+        The trained hasher (eval mode, on CPU, back in fp32) and the per-epoch history.
     """
     dev = resolve_device(device)
+    precision = resolve_precision(cfg.precision, dev)
     torch.manual_seed(cfg.seed)
     n, c = len(train_set), train_set.images.shape[1]
     num_classes = train_set.labels.shape[1]
     hasher = build_hasher(
         cfg.arch, cfg.bits, num_classes=num_classes if cfg.cls_weight > 0 else 0,
         in_channels=c, mean=cfg.mean, std=cfg.std, arch_kwargs=cfg.arch_kwargs,
-    ).to(dev)
+    ).to(dev).set_precision(precision)
     loss_fn = LOSSES.create(
         cfg.loss, num_train=n, bits=cfg.bits, num_classes=num_classes, **cfg.loss_kwargs
     ).to(dev)
@@ -123,10 +133,12 @@ def train_hasher(
         )
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = images[idx].float().div_(255.0)
+            # uint8 goes to the device and is converted there (4x fewer bytes to copy; the
+            # augmentation draws its random numbers from ``gen`` on the CPU either way)
+            x = images[idx].to(dev, non_blocking=True).float().div_(255.0)
             if cfg.augment:
                 x = random_shift_flip(x, gen, max_shift=cfg.max_shift, flip=cfg.flip)
-            x, y, idx_d = x.to(dev), labels[idx].to(dev), idx.to(dev)
+            y, idx_d = labels[idx].to(dev), idx.to(dev)
             u = hasher(x)
             prog = (epoch + step / steps_per_epoch) / cfg.epochs
             loss, parts = loss_fn(u, y, idx_d, prog)
@@ -145,23 +157,28 @@ def train_hasher(
                 if hook is not None:
                     hook({"epoch": epoch, "epochs": cfg.epochs, "step": step,
                           "steps": steps_per_epoch})
-        rec = {k: v / steps_per_epoch for k, v in sums.items()}
+        rec: dict[str, Any] = {k: v / steps_per_epoch for k, v in sums.items()}
         rec.update(epoch=epoch + 1, lr=lr, seconds=time.perf_counter() - t0)
+        log.info("epoch %d/%d %s %s", epoch + 1, cfg.epochs, precision,
+                 " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
+        rec["precision"] = precision
         history.append(rec)
         if hook is not None:
             hook({"epoch": epoch + 1, "epochs": cfg.epochs, "step": 0, "steps": steps_per_epoch})
-        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
         if checkpoint_dir is not None:
             save_checkpoint(
                 checkpoint_dir, modules, opt,
                 {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()},
             )
     hasher.eval()
-    return hasher.cpu(), history
+    return hasher.cpu().set_precision("fp32"), history
 
 
 def encode(hasher: Hasher, images: np.ndarray | torch.Tensor, batch_size: int = 512,
-           device: str | torch.device = "cpu") -> np.ndarray:
-    """Sign codes (N, K) int8 in {-1, +1} of uint8 images (N, C, H, W) on ``device``."""
-    return encode_uint8(hasher.to(device), images, batch_size)
+           device: str | torch.device = "cpu", precision: str | None = None) -> np.ndarray:
+    """Sign codes (N, K) int8 in {-1, +1} of uint8 images (N, C, H, W) on ``device``.
+
+    ``precision`` (``auto``, ``fp32``, ``bf16``) overrides the hasher's own (fp32 unless set);
+    the codes are signs of float32 outputs either way.
+    """
+    return encode_uint8(hasher.to(device), images, batch_size, precision)

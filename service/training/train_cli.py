@@ -12,6 +12,7 @@ from service.clihelp import parser as new_parser
 from service.config import get_settings
 from service.errors import HashAuditError
 from service.parsing import parse_eps
+from service.precision import CHOICES
 from service.training.bundle_builder import build_bundle, read_config
 from service.training.commands import TRAIN_COMMANDS
 from service.training.generator_trainer import GeneratorConfig, train_generator
@@ -29,6 +30,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="save a checkpoint every epoch here and resume from it if present "
                         "(default: no checkpoints)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _precision(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    p.add_argument("--precision", choices=CHOICES, default=default, metavar="PRECISION",
+                   help=f"{what}: auto (bf16 autocast + channels-last on CUDA, fp32 on CPU), "
+                        "fp32 or bf16 (recorded in the bundle)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     h.add_argument("--no-augment", action="store_true",
                    help="no random shifts and flips while training")
+    _precision(h, defaults.precision, "training precision")
     _common(h)
 
     b = add("bundle")
@@ -76,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the bundle name (default: the config's name)")
     b.add_argument("--epochs", type=int, default=None,
                    help="override hasher epochs (default: the config's)")
+    _precision(b, None, "override the training precision (default: the config's "
+                        "[hasher] precision, else auto)")
     _common(b)
 
     g = add("generator")
@@ -108,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=GeneratorConfig.margin,
                    help="uaa_gan: triplet margin on relaxed-code distance (0..4)")
     g.add_argument("--seed", type=int, default=0, help="training seed")
+    _precision(g, GeneratorConfig.precision, "training precision")
     _common(g)
 
     bd = add("backdoor")
@@ -138,6 +149,7 @@ def _config_from_args(args: argparse.Namespace) -> dict:
         arch=args.arch, arch_kwargs=args.arch_kwargs, bits=args.bits, loss=args.loss,
         loss_kwargs=args.loss_kwargs, cls_weight=args.cls_weight, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, augment=not args.no_augment, seed=args.seed,
+        precision=args.precision,
     )
     return {"name": args.name, "version": "1", "data": data, "hasher": hasher.to_dict()}
 
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg["name"] = args.name
             if args.epochs is not None:
                 cfg["hasher"]["epochs"] = args.epochs
+            if args.precision is not None:
+                cfg["hasher"]["precision"] = args.precision
         else:
             cfg = _config_from_args(args)
         manifest = build_bundle(cfg, Path(store), device=device,
@@ -221,7 +235,7 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
                           batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
                           width=args.width, num_train=args.num_train, seed=args.seed,
                           weight_t=a, weight_q=b, weight_d=c, margin=args.margin,
-                          cam_weight=args.cam_weight)
+                          cam_weight=args.cam_weight, precision=args.precision)
     try:
         entry = train_generator(folder, cfg, device=device, checkpoint_dir=args.checkpoint_dir,
                                 progress=not args.no_progress)

@@ -69,7 +69,7 @@ def test_shipped_generators_attack_it(bundle, method, min_drop) -> None:
 
 def test_shipped_targeted_generator_raises_t_map(bundle) -> None:
     from service.attacks.runner import attack_batch
-    from service.jobs.spec import target_labels
+    from service.jobs.audit_types.attack_chunk import target_labels
     from service.retrieval.metrics import targeted_map
 
     q = bundle.queries

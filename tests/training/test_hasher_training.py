@@ -65,3 +65,20 @@ def test_checkpoint_of_another_config_is_refused(small_train, tmp_path) -> None:
 def test_unknown_hasher_config_key_is_named() -> None:
     with pytest.raises(ConfigError, match="bitz"):
         HasherConfig.from_dict({"bitz": 3})
+
+
+def test_history_records_the_precision_each_epoch_ran_in(small_train) -> None:
+    """CPU default (auto) is fp32; bf16 trains under CPU autocast. Either way the returned
+    hasher is fp32 again, in the default memory format (safetensors can write it)."""
+    from safetensors.torch import save
+
+    cfg = {**CFG, "epochs": 1}
+    fp32, hist32 = train_hasher(HasherConfig(**cfg), small_train, device="cpu", progress=False)
+    bf16, hist16 = train_hasher(HasherConfig(**cfg, precision="bf16"), small_train,
+                                device="cpu", progress=False)
+    assert [h["precision"] for h in hist32] == ["fp32"]
+    assert [h["precision"] for h in hist16] == ["bf16"]
+    assert np.isfinite(hist16[0]["loss"]) and hist16[0]["loss"] != hist32[0]["loss"]
+    for h in (fp32, bf16):
+        assert h.precision == "fp32" and not h.channels_last
+        save(h.state_dict())

@@ -1,4 +1,7 @@
-"""Audits: POST /audit, GET /audit[/{id}], DELETE /audit/{id}, reports, query uploads."""
+"""Audits: POST /audit, GET /audit[/{id}], DELETE /audit/{id}, reports, query uploads.
+
+``POST /audit``'s body is built from the registered audit types (:func:`submit_router`):
+``type`` is one of their names, and each type adds the request fields it reads."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, Response
 
@@ -20,21 +23,12 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS
 from service.api.state import AppState
 from service.errors import BadInput, UnknownName
+from service.jobs.audit_types import DEFAULT_TYPE, AuditType, audit_type, audit_types
+from service.jobs.audit_types.base import SEED_MAX
 from service.jobs.outage import TRANSIENT
 from service.jobs.report import render_html
-from service.jobs.spec import (
-    BACKDOOR_DEFAULT_POISONS,
-    BATCH_MAX,
-    CHUNK_MAX,
-    COUNT_MAX,
-    EPOCHS_MAX,
-    PATCH_MAX,
-    SEED_MAX,
-    TRIGGER_STEPS_MAX,
-    normalize_backdoor_spec,
-    normalize_spec,
-)
-from service.jobs.uploads import ArchiveLimits, parse_query_archive, save_upload, upload_meta
+from service.jobs.spec import normalize_spec
+from service.jobs.uploads import ArchiveLimits, parse_query_archive, save_upload
 
 log = logging.getLogger("service.api")
 
@@ -42,67 +36,62 @@ router = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
 
 _ID = re.compile(r"^[0-9a-f]{16}$")
 
-
-class QueriesSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    count: int | None = Field(None, ge=1, le=COUNT_MAX, description="audit a seeded sample of "
-                              "this many of the bundle's queries; null = all")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX,
-                             description="sample seed (default: the audit's seed)")
-    upload_id: str | None = Field(None, description="audit an uploaded set instead "
-                                  "(POST /audit/uploads)")
+COMMON_FIELDS = ("type", "model", "seed")
 
 
-class BackdoorSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # the unions are range-checked by normalize_backdoor_spec, whose errors name the field
-    target: int | str = Field(description="target class (index 0 .. classes - 1, or name)")
-    poisons: int | list[int] = Field(
-        list(BACKDOOR_DEFAULT_POISONS), description="poisoned training images (0 .. the "
-        "target class's training images); one count or several (a model is retrained per "
-        "count; 0, the clean baseline, is always added)")
-    patch: int | None = Field(None, ge=1, le=PATCH_MAX, description="trigger side in pixels "
-                              "(default 10% of the width, at least 3)")
-    num_train: int | None = Field(None, ge=10, le=COUNT_MAX, description="seeded subset of "
-                                  "the bundle's train split (default: all of it)")
-    epochs: int | None = Field(None, ge=1, le=EPOCHS_MAX,
-                               description="training epochs (default: the bundle's recipe)")
-    perturb_eps: float | str = Field("8/255", description="L-inf budget of the confusing "
-                                     "perturbations")
-    trigger_steps: int | None = Field(None, ge=1, le=TRIGGER_STEPS_MAX,
-                                      description="trigger optimisation steps (default 300)")
-    save_bundles: bool = Field(True, description="freeze each poisoned hasher as a bundle "
-                               "(GET /audit/{id}/bundles/{name} downloads it)")
+def audit_request_model(types: list[AuditType]) -> type[BaseModel]:
+    """``AuditRequest``: ``type`` (one of ``types``), ``model``, ``seed`` and every type's
+    own fields; unknown fields are refused."""
+    fields: dict[str, Any] = {
+        "type": (Literal[tuple(t.name for t in types)], Field(  # type: ignore[misc]
+            DEFAULT_TYPE, description="; ".join(f"{t.name}: {t.summary}" for t in types))),
+        "model": (str | None, Field(None, description="bundle; default the server's default "
+                                    "bundle")),
+        "seed": (int, Field(0, ge=0, le=SEED_MAX,
+                            description="seeds random starts, targets and sampling")),
+    }
+    for t in types:
+        for name, definition in t.request_fields.items():
+            if name in fields:
+                raise ValueError(f"audit type {t.name}: request field {name!r} is taken")
+            fields[name] = definition
+    config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [t.example for t in types if t.example]})
+    return create_model("AuditRequest", __config__=config, **fields)
 
 
-class AuditRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "model": "fmnist-dpsh-32", "methods": ["untargeted_gan", "pgd"],
-        "eps": ["8/255", "16/255"], "queries": {"count": 200, "seed": 0}, "top_k": None,
-        "seed": 0}, {"model": "fmnist-dpsh-32", "type": "backdoor",
-                     "backdoor": {"target": "Bag", "poisons": [40, 80], "epochs": 8}}]})
-    type: Literal["attack", "backdoor"] = Field(
-        "attack", description="attack: adversarial queries against the frozen hasher; "
-        "backdoor: clean-label poisoning of its training set, retrained on the workers")
-    model: str | None = Field(None, description="bundle; default the server's default bundle")
-    backdoor: BackdoorSpec | None = Field(None, description="backdoor audits only")
-    methods: list[str] | None = Field(None, min_length=1, max_length=16,
-                                      description="registered attacks (GET /models lists "
-                                      "them); default: the bundle's default generator")
-    eps: float | str | list[float | str] = Field(
-        "8/255", description="one budget or a list for a robustness curve; 8/255 or 0.0314")
-    queries: QueriesSpec = Field(default_factory=QueriesSpec)
-    top_k: int | None = Field(None, ge=1, le=COUNT_MAX,
-                              description="mAP@K cut-off; null = whole gallery")
-    seed: int = Field(0, ge=0, le=SEED_MAX,
-                      description="seeds random starts, targets and sampling")
-    chunk_size: int = Field(250, ge=1, le=CHUNK_MAX, description="queries per chunk job")
-    batch_size: int | None = Field(None, ge=1, le=BATCH_MAX,
-                                   description="images per forward pass")
-    transfer_to: list[str] = Field(
-        default_factory=list, max_length=16,
-        description="other served bundles (same classes and input) to evaluate the adversarial "
-                    "queries on: a transfer (black-box) row per attack")
+def submit_router() -> APIRouter:
+    """``POST /audit`` for the audit types registered now (built once per app, after the
+    plugins are imported)."""
+    types = audit_types()
+    owners = {f: t.name for t in types for f in t.request_fields}
+    sub = APIRouter(tags=["audit"], dependencies=[Depends(require_api_key)])
+
+    async def create_audit(request: Request, body: BaseModel) -> JSON:
+        state = get_state(request)
+        svc = service_for(state, body.model)  # type: ignore[attr-defined]
+        audits = _audits(state)
+        kind = audit_type(body.type)  # type: ignore[attr-defined]
+        foreign = sorted(body.model_fields_set - set(COMMON_FIELDS) - set(kind.request_fields))
+        if foreign:
+            f = foreign[0]
+            raise BadInput(f'{f}: used only by "type": "{owners[f]}" audits, not by '
+                           f'"type": "{kind.name}"', field=f)
+        raw = body.model_dump(include=set(COMMON_FIELDS) | set(kind.request_fields))
+        spec = await run_in_threadpool(
+            normalize_spec, svc, raw, max_queries=state.settings.max_audit_queries,
+            audits=audits.store,
+            lookup=lambda n: service_for(state, n, field="transfer_to").bundle)
+        audit_id = await run_in_threadpool(audits.submit, spec)
+        out = await run_in_threadpool(audits.status, audit_id, False)
+        return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
+
+    # The body's model is built at run time, so its annotation is set here (a string
+    # annotation would be looked up among this module's globals).
+    create_audit.__annotations__["body"] = audit_request_model(types)
+    sub.add_api_route("/audit", create_audit, methods=["POST"], status_code=202,
+                      responses=ERRORS, summary="Start a robustness audit (runs on the workers)")
+    return sub
 
 
 def _check_id(audit_id: str) -> str:
@@ -117,48 +106,6 @@ def _audits(state: AppState) -> Any:
 
         raise Busy("audits are not available yet (still starting)", retry_after=2)
     return state.audits
-
-
-@router.post("/audit", status_code=202, responses=ERRORS,
-             summary="Start a robustness audit (runs on the workers)")
-async def create_audit(request: Request, body: AuditRequest) -> JSON:
-    state = get_state(request)
-    svc = service_for(state, body.model)
-    audits = _audits(state)
-    if body.type == "backdoor":
-        spec = await run_in_threadpool(_backdoor_spec, svc, body)
-        audit_id = await run_in_threadpool(audits.submit, spec)
-        out = await run_in_threadpool(audits.status, audit_id, False)
-        return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
-    if body.backdoor is not None:
-        raise BadInput('backdoor: only for "type": "backdoor"', field="backdoor")
-    upload = None
-    if body.queries.upload_id:
-        upload = await run_in_threadpool(upload_meta, audits.store, body.queries.upload_id)
-        if upload["model"] != svc.name:
-            raise BadInput(f"queries.upload_id: the upload was made for {upload['model']}, "
-                           f"not {svc.name}", field="queries.upload_id")
-    spec = normalize_spec(svc, body.model_dump(), upload=upload,
-                          max_queries=state.settings.max_audit_queries,
-                          lookup=lambda n: service_for(state, n, field="transfer_to").bundle)
-    audit_id = await run_in_threadpool(audits.submit, spec)
-    out = await run_in_threadpool(audits.status, audit_id, False)
-    return JSON(out, status_code=202, headers={"Location": f"/audit/{audit_id}"})
-
-
-ATTACK_ONLY = frozenset({"methods", "eps", "queries", "top_k", "chunk_size", "batch_size",
-                         "transfer_to"})
-
-
-def _backdoor_spec(svc: Any, body: AuditRequest) -> dict[str, Any]:
-    extra = sorted(ATTACK_ONLY & body.model_fields_set)
-    if extra:
-        raise BadInput(f"{extra[0]}: not used by a backdoor audit", field=extra[0])
-    if body.backdoor is None:
-        raise BadInput("backdoor: the backdoor settings (at least target) are required",
-                       field="backdoor")
-    return normalize_backdoor_spec(svc, {"seed": body.seed,
-                                         "backdoor": body.backdoor.model_dump()})
 
 
 @router.get("/audit", responses=ERRORS, summary="Recent audits (newest first)")
@@ -228,13 +175,12 @@ async def download_bundle(request: Request, audit_id: str, name: str) -> Respons
     audits = _audits(get_state(request))
     status = await run_in_threadpool(audits.status, _check_id(audit_id))
     result = status["result"] or {}
-    rows = [r for r in result.get("rows", []) if r.get("bundle") and
-            r["bundle"]["name"] == name]
-    if not rows:
+    frozen = [b for b in audit_type(status["type"]).frozen_bundles(result) if b["name"] == name]
+    if not frozen:
         raise UnknownName(f"bundle: audit {audit_id} froze no bundle {name!r}" +
                           ("" if status["state"] == "done" else
                            f" (the audit is {status['state']})"), field="bundle")
-    info = rows[0]["bundle"]
+    info = frozen[0]
     data = await run_in_threadpool(_tar_folder, Path(info["path"]), info)
     return Response(data, media_type="application/gzip", headers={
         "Content-Disposition": f'attachment; filename="{name}.tar.gz"'})
