@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from service import __version__
 from service.clihelp import HelpFormatter
@@ -27,6 +28,13 @@ SUMMARIES = {
     "attack": "attack image files with one method; writes the adversarial PNGs and a JSON",
     "serve": "run the REST API (docs at /docs and /redoc)",
     "worker": "run audit chunks from the Redis queue ($HASHAUDIT_REDIS_URL)",
+    "index": "encode a database (DeepHash list or image folder) into an imported bundle's "
+             "gallery",
+}
+IMPORT_COMMANDS = {
+    "deephash": "a bundle from a DeepHash-pytorch checkpoint (AlexNet, VGG, ResNet hash nets; "
+                "also DHTA, CIBA, ProS-GAN, THA)",
+    "torchvision": "a bundle from a torchvision backbone with a linear hash layer",
 }
 DATA_COMMANDS = {
     "scenes": "make synthetic multi-label RGB scenes of Fashion-MNIST items as DeepHash lists",
@@ -362,6 +370,206 @@ def data_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _index_options(p: argparse.ArgumentParser, required: bool) -> None:
+    """Options of ``hashaudit index`` (also offered by ``import``, which then indexes)."""
+    import os
+
+    from service.importers.index import IndexSpec
+
+    d = IndexSpec(database=Path("."))
+    g = p.add_argument_group("index" if required else
+                             "index now (optional; the same as `hashaudit index` next)")
+    g.add_argument("--database", type=Path, required=required, default=None,
+                   help="database: a DeepHash-pytorch list file ('path l1 ... lC' per line) "
+                        "or an image folder with one sub-folder per class" +
+                        ("" if required else " (default: none, index later)"))
+    g.add_argument("--root", type=Path, default=None,
+                   help="folder the list's image paths are relative to (required with a list; "
+                        "default: none)")
+    g.add_argument("--query", type=Path, default=None,
+                   help="queries, as --database (default: none; then the bundle has no "
+                        "query split and no clean figures, and audits need uploaded queries)")
+    g.add_argument("--class-names", default=None,
+                   help="class names, comma separated, one per label column (default: "
+                        "class_0, class_1, ...; an image folder's are its sub-folders)")
+    g.add_argument("--num-query", type=int, default=None,
+                   help="use a seeded sample of this many queries (default: all)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the query sample and of "
+                   "the sample that checks --codes")
+    g.add_argument("--codes", type=Path, default=None,
+                   help="precomputed database codes, .npy (DeepHash-pytorch's "
+                        "trn_binary.npy), checked on a sample (default: encode here)")
+    g.add_argument("--labels", type=Path, default=None,
+                   help="the labels saved beside --codes, .npy (DeepHash-pytorch's "
+                        "trn_label.npy), compared with the list's (default: not compared)")
+    g.add_argument("--check-sample", type=int, default=d.check_sample,
+                   help="database images re-encoded to check --codes")
+    g.add_argument("--bit-tolerance", type=int, default=d.bit_tolerance,
+                   help="a sampled code may differ from --codes in this many bits")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per forward pass")
+    g.add_argument("--chunk", type=int, default=d.chunk,
+                   help="images per resumable chunk of work")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding threads")
+    g.add_argument("--work", type=Path, default=None,
+                   help="work folder for finished chunks; a rerun resumes from it (default: "
+                        ".index-<name> beside the bundle)")
+
+
+def _index_spec(args: argparse.Namespace) -> Any:
+    from service.importers.index import IndexSpec
+
+    names = None if args.class_names is None else [
+        c.strip() for c in args.class_names.split(",") if c.strip()]
+    return IndexSpec(database=args.database, root=args.root, query=args.query,
+                     class_names=names, num_query=args.num_query, seed=args.seed,
+                     codes=args.codes, labels=args.labels, check_sample=args.check_sample,
+                     bit_tolerance=args.bit_tolerance, batch_size=args.batch_size,
+                     chunk=args.chunk, workers=args.workers, work=args.work)
+
+
+def _run_index(folder: Path, args: argparse.Namespace, command: str) -> int:
+    from tqdm import tqdm
+
+    from service.device import resolve_device
+    from service.importers.index import index_bundle
+
+    device = str(resolve_device(args.device or get_settings().device))
+    with tqdm(unit="img", disable=args.no_progress, desc="index") as bar:
+        def total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+
+        m = index_bundle(folder, _index_spec(args), device, progress=bar.update, total=total,
+                         command=command)
+    sizes, fig = m.dataset["sizes"], m.evaluation.get("figures") or {}
+    print(f"indexed {m.name} on {device}: {sizes['database']} database images, "
+          f"{sizes['query']} queries, {len(m.dataset['class_names'])} classes")
+    if fig:
+        print(f"clean mAP@all {fig['map_all']:.4f}, mAP@1000 {fig['map_1000']:.4f}, "
+              f"P@r<=2 {fig['p_r2']:.4f}")
+    print(f"bundle {folder}: serve it (hashaudit serve), audit it (hashaudit audit run "
+          f"--bundle {m.name}), train generators (hashaudit train generator --bundle {m.name})")
+    return 0
+
+
+def import_parser() -> argparse.ArgumentParser:
+    """``import deephash`` / ``import torchvision``: a bundle from a checkpoint."""
+    from service.importers.layouts import DEEPHASH_EVAL
+
+    p = new_parser("hashaudit import", "Make a bundle from a checkpoint trained elsewhere. The "
+                   "checkpoint is read with torch.load(weights_only=True) or safetensors, "
+                   "never unpickled in full; index it next (hashaudit index) or at once with "
+                   "--database.")
+    sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT", title="formats")
+    for fmt, line in IMPORT_COMMANDS.items():
+        s = sub.add_parser(fmt, help=line, description=line, formatter_class=HelpFormatter,
+                           prog=f"hashaudit import {fmt}")
+        if fmt == "deephash":
+            s.add_argument("--arch", required=True,
+                           help="AlexNet, ResNet18/34/50/101/152, VGG11/13/16/19 (VGG16BN "
+                                "for batch norm)")
+            s.add_argument("--checkpoint", type=Path, required=True,
+                           help="the saved state dict (torch.save(net.state_dict()), e.g. "
+                                "DeepHash-pytorch's model.pt; or .safetensors)")
+        else:
+            s.add_argument("--arch", required=True,
+                           help="torchvision model: resnet18 ... resnet152, alexnet, vgg11 ... "
+                                "vgg19, vgg16_bn ...")
+            s.add_argument("--weights", type=Path, required=True,
+                           help="the state dict: .safetensors or a torch.save file")
+            s.add_argument("--hash-layer", default=None,
+                           help="module path of the linear hash layer in the state dict "
+                                "(default: the classifier's last layer, fc or classifier.6)")
+        s.add_argument("--name", required=True, help="bundle name to write")
+        s.add_argument("--bits", type=int, default=None,
+                       help="expected code length (default: read from the hash layer)")
+        s.add_argument("--state-key", default=None,
+                       help="entry of a wrapped checkpoint holding the state dict (default: "
+                            "the file itself, else its state_dict/model/net entry)")
+        s.add_argument("--resize", type=int, default=None,
+                       help=f"resize before the centre crop (default: upstream's "
+                            f"{DEEPHASH_EVAL['resize']}, or the crop size when --crop is "
+                            "given)")
+        s.add_argument("--crop", type=int, default=None,
+                       help=f"model input side (default: upstream's {DEEPHASH_EVAL['crop']})")
+        s.add_argument("--resize-mode", choices=["shorter", "stretch"], default=None,
+                       metavar="MODE",
+                       help="shorter: the shorter side becomes --resize (torchvision "
+                            "Resize(int)); stretch: the image becomes --resize x --resize "
+                            "(default: as the matched upstream code evaluates)")
+        s.add_argument("--interpolation", choices=["bilinear", "bicubic"], default=None,
+                       metavar="FILTER",
+                       help="bilinear or bicubic resize filter (default: as the matched "
+                            "upstream code)")
+        s.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                       help="normalisation mean (default: ImageNet's, 0.485 0.456 0.406)")
+        s.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                       help="normalisation std (default: ImageNet's, 0.229 0.224 0.225)")
+        s.add_argument("--version", default="1", help="the bundle's own version string")
+        _store_option(s)
+        _device_option(s)
+        s.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _index_options(s, required=False)
+    return p
+
+
+def cmd_import(argv: list[str]) -> int:
+    """``hashaudit import deephash|torchvision``: write the bundle, then index it if asked."""
+    from service.importers.importer import ImportSpec, import_checkpoint
+
+    args = import_parser().parse_args(argv)
+    ckpt = args.checkpoint if args.format == "deephash" else args.weights
+    spec = ImportSpec(args.format, args.arch, args.name, bits=args.bits,
+                      hash_layer=getattr(args, "hash_layer", None), state_key=args.state_key,
+                      resize=args.resize, crop=args.crop, interpolation=args.interpolation,
+                      resize_mode=args.resize_mode, mean=args.mean, std=args.std,
+                      version=args.version)
+    store = args.store or get_settings().model_store
+    command = " ".join(["hashaudit", "import", *argv])
+    m = import_checkpoint(spec, ckpt, store, command=command)
+    prov, t = m.extra["provenance"], m.input["transform"]
+    src = prov["upstream"][0]
+    print(f"imported {prov['checkpoint']['file']} as {m.name}: {prov['layout']} "
+          f"({src['repository']} {src['commit'][:8]} {src['path']} {src['symbol']}), "
+          f"{prov['torchvision_model']}, {m.bits} bits")
+    resize = t.get("resize_square") or t.get("resize_shorter")
+    print(f"input: {t.get('resize_mode', 'shorter')} resize to {resize}, "
+          f"{t['interpolation']}, centre crop {t['crop'][0]}x{t['crop'][1]}, mean "
+          f"{m.input['mean']}, std {m.input['std']}")
+    if args.database is None:
+        print(f"next: hashaudit index {m.name} --database LIST --root DIR [--query LIST]")
+        return 0
+    return _run_index(Path(store) / m.name, args, command)
+
+
+def index_parser() -> argparse.ArgumentParser:
+    p = new_parser("hashaudit index", "Encode a database into an imported bundle's gallery "
+                   "(batched, on the GPU when there is one, resumable: rerun the same command "
+                   "after an interruption), or take precomputed .npy codes after checking a "
+                   "sample of them. The bundle then reads its images through your list or "
+                   "folder (dataset.reference) and keeps 64 px thumbnails.")
+    p.add_argument("bundle", help="bundle name in the store, or a bundle folder")
+    _index_options(p, required=True)
+    _store_option(p)
+    _device_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_index(argv: list[str]) -> int:
+    from service.store.modelstore import ModelStore
+
+    args = index_parser().parse_args(argv)
+    ref = Path(args.bundle)
+    if ref.is_dir() and (ref / "manifest.json").is_file():
+        folder = ref
+    else:
+        folder = ModelStore(args.store or get_settings().model_store).path(args.bundle)
+    return _run_index(folder, args, " ".join(["hashaudit", "index", *argv]))
+
+
 def cmd_data(argv: list[str]) -> int:
     """``hashaudit data scenes``: render a synthetic scene set to disk."""
     import time
@@ -392,7 +600,8 @@ def cmd_data(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bundles": cmd_bundles, "attack": cmd_attack,
-            "serve": cmd_serve, "worker": cmd_worker, "audit": cmd_audit, "data": cmd_data}
+            "serve": cmd_serve, "worker": cmd_worker, "audit": cmd_audit, "data": cmd_data,
+            "import": cmd_import, "index": cmd_index}
 
 
 def command_lines() -> list[tuple[str, str]]:
@@ -400,7 +609,8 @@ def command_lines() -> list[tuple[str, str]]:
     ``train`` and ``audit`` list their subcommands."""
     from service.training.commands import TRAIN_COMMANDS
 
-    nested = {"train": TRAIN_COMMANDS, "audit": audit_commands(), "data": DATA_COMMANDS}
+    nested = {"train": TRAIN_COMMANDS, "audit": audit_commands(), "data": DATA_COMMANDS,
+              "import": IMPORT_COMMANDS}
     out = []
     for name in COMMANDS:
         if name in nested:

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         artifact_dir: writable folder where backdoor audits freeze their poisoned bundles
             (``audits/<id>/<bundle>``); share it between workers and the API to download them.
         train_timeout: seconds one training chunk (a backdoor audit's retraining) may run.
+        model_uploads: allow ``POST /models`` (import a checkpoint and index a database sent
+            over HTTP, for servers whose users cannot reach the disk). Off by default; on, it
+            needs ``api_keys`` (the server refuses to start without), a writable model store,
+            and ``artifact_dir`` for the uploaded images (``models/<name>/``). The request
+            body limit is ``max_archive_bytes`` and the archive limits are those of
+            ``POST /audit/uploads``.
         plugins: comma-separated Python modules that ``serve``, ``worker`` and ``audit``
             import at start; each registers audit types of its own
             (``service.jobs.audit_types.register_audit_type``). API and workers need the
@@ -97,6 +103,7 @@ class Settings(BaseSettings):
     shutdown_drain_s: float = Field(8.0, gt=0.0, le=3600.0)
     artifact_dir: Path = REPO_ROOT / "artifacts"
     train_timeout: int = Field(24 * 3600, ge=10)
+    model_uploads: bool = False
     plugins: str = ""
 
     @property

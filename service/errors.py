@@ -93,6 +93,12 @@ class PayloadTooLarge(BadInput):
     code = "payload_too_large"
 
 
+class Forbidden(HashAuditError):
+    """The request is valid but this server does not allow it (the API answers 403)."""
+
+    code = "forbidden"
+
+
 class Busy(HashAuditError):
     """The inference queue is full or models are still loading (the API answers 503)."""
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import BundleError
 from service.retrieval.metrics import (
     map_at_k,
     pr_curve_by_radius,
@@ -122,6 +123,9 @@ def evaluate_bundle(
     from service.retrieval.codes import pack_bits
 
     m = bundle.manifest
+    if len(bundle.queries) == 0:
+        raise BundleError(f"{m.name}: no query split, so no figures to recompute (index it "
+                          "with --query to give it one)", field="bundle")
     hasher = bundle.hasher.to(device)
     bits = m.bits
     q_codes = encode_uint8(hasher, bundle.queries.images)

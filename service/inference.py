@@ -572,6 +572,7 @@ class BundleService:
             "attacks": [self._method_json(n) for n in self.methods()],
             "evaluation": {k: ev.get(k) for k in ("map_all", "map_1000", "p_r2",
                                                   "num_queries", "num_database")},
+            "provenance": _provenance(m.extra.get("provenance"), detail),
         }
         if detail:
             out["evaluation"] = {"protocol": m.evaluation.get("protocol"), "figures": ev}
@@ -593,3 +594,16 @@ class BundleService:
             row["trained_eps"] = [g["eps"] for g in gens]
             row["eps_range"] = [g.get("training", {}).get("eps_range") for g in gens]
         return row
+
+
+def _provenance(prov: Any, detail: bool) -> dict[str, Any] | None:
+    """An imported bundle's origin for /models: the whole record with ``detail``, else the
+    format, layout, first upstream source and the checkpoint's name and sha256."""
+    if not isinstance(prov, dict):
+        return None
+    if detail:
+        return prov
+    ck = prov.get("checkpoint") or {}
+    ups = prov.get("upstream") or [{}]
+    return {"format": prov.get("format"), "layout": prov.get("layout"), "upstream": ups[0],
+            "checkpoint": {"file": ck.get("file"), "sha256": ck.get("sha256")}}

@@ -136,17 +136,18 @@ def audit_stack(store: Path, logs: Path, **env: str):
         yield server
 
 
-def submit(url: str, spec: dict) -> str:
-    r = httpx.post(f"{url}/audit", json=spec, timeout=30)
+def submit(url: str, spec: dict, headers: dict[str, str] | None = None) -> str:
+    r = httpx.post(f"{url}/audit", json=spec, timeout=30, headers=headers)
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/audit/{r.json()['id']}"
     return r.json()["id"]
 
 
-def wait(url: str, audit_id: str, timeout: float = 240, until=("done", "failed", "cancelled")):
+def wait(url: str, audit_id: str, timeout: float = 240, until=("done", "failed", "cancelled"),
+         headers: dict[str, str] | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = httpx.get(f"{url}/audit/{audit_id}", timeout=30).json()
+        st = httpx.get(f"{url}/audit/{audit_id}", timeout=30, headers=headers).json()
         if st["state"] in until:
             return st
         time.sleep(0.3)

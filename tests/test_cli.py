@@ -106,7 +106,8 @@ def leaf_parsers() -> dict[str, argparse.ArgumentParser]:
     tops = {"train": build_parser(), "eval": cli.eval_parser(), "bundles": cli.bundles_parser(),
             "attack": cli.attack_parser(), "serve": cli.serve_parser(),
             "worker": cli.worker_parser(), "audit": cli.audit_parser(),
-            "data": cli.data_parser()}
+            "data": cli.data_parser(), "import": cli.import_parser(),
+            "index": cli.index_parser()}
     assert set(tops) == set(COMMANDS)
     out = {}
     for name, parser in tops.items():

@@ -20,6 +20,7 @@ from service.api.shutdown import CancelledAsJSON
 from service.api.state import AppState
 from service.config import Settings, get_settings
 from service.device import resolve_device
+from service.errors import ConfigError
 from service.store import ModelStore
 
 log = logging.getLogger("service.api")
@@ -34,7 +35,9 @@ HashAudit serves frozen deep-hashing bundles and attacks them.
 * **POST /audit**: a batch robustness audit as a job: every query of a bundle's split (or a
   seeded sample, or an uploaded archive) under several methods and eps, or a backdoor audit.
   Follow it at **GET /audit/{id}**; **GET /audit/{id}/report** is the HTML report.
-* **GET /models**: bundles, classes, bits, attacks and their eps, evaluation figures.
+* **GET /models**: bundles, classes, bits, attacks and their eps, evaluation figures, and
+  where an imported bundle came from. **POST /models** (off unless the server enables it)
+  imports a DeepHash-pytorch or torchvision checkpoint with its database.
 
 Errors are JSON `{"error": {"code", "message", "field"}}`. When the server runs with
 `HASHAUDIT_API_KEYS`, send `Authorization: Bearer <key>` or `X-API-Key: <key>` (the
@@ -47,6 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Bundles load in the lifespan, in the background: ``/health/live``
     answers at once and ``/health/ready`` turns 200 when the default bundle is warm."""
     settings = settings or get_settings()
+    if settings.model_uploads and not settings.api_key_list:
+        raise ConfigError("HASHAUDIT_MODEL_UPLOADS lets clients write models to this server; "
+                          "it needs HASHAUDIT_API_KEYS as well", field="model_uploads")
     metrics = Metrics()
     device = str(resolve_device(settings.device))
 
@@ -100,6 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "health", "description": "Liveness, readiness, metrics"},
         ],
     )
+    from service.api.model_imports import ModelImports
+
+    state.imports = ModelImports(state)
     app.state.hashaudit = state
     install_error_handlers(app, metrics.error)
 
@@ -116,7 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        on_reject=metrics.error,
-                       overrides={"/audit/uploads": settings.max_archive_bytes})
+                       overrides={"/audit/uploads": settings.max_archive_bytes,
+                                  # a server without model uploads keeps the small limit
+                                  **({"/models": settings.max_archive_bytes}
+                                     if settings.model_uploads else {})})
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(CancelledAsJSON)
     return app

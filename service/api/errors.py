@@ -19,6 +19,7 @@ from service.errors import (
     ConfigError,
     CorruptData,
     DataNotFound,
+    Forbidden,
     HashAuditError,
     InvalidName,
     PayloadTooLarge,
@@ -54,6 +55,8 @@ def status_for(exc: HashAuditError) -> int:
         return 415
     if isinstance(exc, Busy):
         return 503
+    if isinstance(exc, Forbidden):
+        return 403
     if isinstance(exc, InvalidName):
         return 422
     if isinstance(exc, UnknownName) and exc.field in ("model", "id", "audit", "bundle"):

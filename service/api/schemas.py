@@ -163,6 +163,11 @@ class ModelSummary(BaseModel):
     max_eps: float
     attacks: list[AttackInfo]
     evaluation: dict[str, Any]
+    provenance: dict[str, Any] | None = Field(
+        None, description="where an imported bundle came from (hashaudit import or POST "
+                          "/models): format, upstream layout and the commit its names were "
+                          "matched against, the checkpoint's file name and sha256; null for a "
+                          "bundle trained here")
 
 
 class ModelList(BaseModel):

@@ -35,6 +35,7 @@ class AppState:
     device: str = "cpu"
     audits: Any = None  # service.jobs.queue.AuditQueue once started
     draining: bool = False  # shutdown has begun (see service.api.shutdown)
+    imports: Any = None  # service.api.model_imports.ModelImports (POST /models)
 
     @property
     def serving(self) -> bool:

@@ -330,6 +330,7 @@ class FileImageSet(ImageSet):
         size: tuple[int, int] = (224, 224),
         name: str = "file-set",
         resize: int | None = None,
+        transform: InputTransform | None = None,
     ) -> None:
         """Create the set; files are not opened until accessed.
 
@@ -341,14 +342,18 @@ class FileImageSet(ImageSet):
             size: ``(H, W)`` of every decoded image (the crop size).
             name: Human-readable name of the set.
             resize: Shorter side before the centre crop; ``None`` stretches to ``size``.
+            transform: The whole input transform (interpolation and resize mode too); when
+                given, ``resize`` is ignored and its channels and size must be
+                ``channels`` and ``size``.
 
         Raises:
             ConfigError: ``channels`` is not 1 or 3, ``size`` is not two positive integers,
-                or the number of paths differs from the number of label rows.
+                the number of paths differs from the number of label rows, or ``transform``
+                disagrees with ``channels`` and ``size``.
         """
         if isinstance(channels, bool) or channels not in CHANNEL_MODES:
             raise ConfigError(f"channels must be 1 or 3, got {channels!r}", field="channels")
-        height, width = _check_size(size)
+        height, width = check_size(size)
         super().__init__(
             name=name,
             class_names=class_names,
@@ -362,7 +367,12 @@ class FileImageSet(ImageSet):
             )
         self.channels: int = int(channels)
         self.size: tuple[int, int] = (height, width)
-        self.transform = InputTransform(self.channels, height, width, resize)
+        if transform is None:
+            transform = InputTransform(self.channels, height, width, resize)
+        elif transform.shape != (self.channels, height, width):
+            raise ConfigError(f"transform makes {transform.shape} images, the set holds "
+                              f"{(self.channels, height, width)}", field="transform")
+        self.transform = transform
 
     def load_uint8(self, index: int) -> npt.NDArray[np.uint8]:
         """Decode one image to a ``uint8`` array of shape ``image_shape``.
@@ -378,7 +388,7 @@ class FileImageSet(ImageSet):
             CorruptData: PIL cannot decode the file; the message names it.
         """
         path = self.paths[self._check_index(index)]
-        return decode_image(path, self.channels, self.size, self.transform.resize)
+        return decode_with(path, self.transform)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(image, label)``; see :meth:`ImageSet.__getitem__` and :meth:`load_uint8`."""
@@ -404,7 +414,7 @@ class FileImageSet(ImageSet):
             channels=self.channels,
             size=self.size,
             name=self.name,
-            resize=self.transform.resize,
+            transform=self.transform,
         )
 
     def materialize(self, workers: int = 1) -> ArrayImageSet:
@@ -438,7 +448,7 @@ class FileImageSet(ImageSet):
         return ArrayImageSet(images, self.labels.copy(), self.class_names, self.name)
 
 
-def _check_size(size: Sequence[int]) -> tuple[int, int]:
+def check_size(size: Sequence[int]) -> tuple[int, int]:
     """Validate an ``(H, W)`` pair of positive integers."""
     try:
         height, width = (operator.index(s) for s in size)
@@ -469,8 +479,12 @@ def decode_image(path: PathLikeStr, channels: int, size: tuple[int, int],
         DataNotFound: The file does not exist.
         CorruptData: PIL cannot decode the file; the message names it.
     """
-    height, width = _check_size(size)
-    transform = InputTransform(channels, height, width, resize)
+    height, width = check_size(size)
+    return decode_with(path, InputTransform(channels, height, width, resize))
+
+
+def decode_with(path: PathLikeStr, transform: InputTransform) -> npt.NDArray[np.uint8]:
+    """Decode an image file with ``transform``; errors as :func:`decode_image`."""
     file = Path(path)
     try:
         return decode_file(str(file), transform)

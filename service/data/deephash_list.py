@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from service.data.base import FileImageSet, PathLikeStr
+from service.data.base import FileImageSet, PathLikeStr, check_size
+from service.data.preprocess import InputTransform
 from service.errors import ConfigError, CorruptData, DataNotFound
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ def load_deephash_list(
     resize: int | None = None,
     class_names: Sequence[str] | None = None,
     name: str | None = None,
+    interpolation: str = "bilinear",
+    resize_mode: str = "shorter",
 ) -> FileImageSet:
     """Read a DeepHash-pytorch list file into a lazily decoded :class:`FileImageSet`.
 
@@ -112,6 +115,8 @@ def load_deephash_list(
         resize: Shorter side before the centre crop (``None``: stretch to ``size``).
         class_names: One name per label column; default ``"class_0"``, ``"class_1"``, ...
         name: Name of the set; default the list file's stem.
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (see :class:`InputTransform`).
+        resize_mode: ``"shorter"`` or ``"stretch"`` (see :class:`InputTransform`).
 
     Returns:
         The set, in file order, with the parsed multi-hot labels.
@@ -127,6 +132,8 @@ def load_deephash_list(
     """
     list_path = Path(list_file)
     root_path = Path(image_root)
+    h, w = check_size(size)
+    transform = InputTransform(channels, h, w, resize, interpolation, resize_mode)
     if not list_path.is_file():
         raise DataNotFound(f"DeepHash list file not found: {list_path}", field="list_file")
     if not root_path.is_dir():
@@ -178,6 +185,6 @@ def load_deephash_list(
         names,
         channels=channels,
         size=size,
-        resize=resize,
+        transform=transform,
         name=name if name is not None else list_path.stem,
     )

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.data.base import FileImageSet, PathLikeStr
+from service.data.base import FileImageSet, PathLikeStr, check_size
+from service.data.preprocess import InputTransform
 from service.errors import DataNotFound
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def load_image_folder(
     resize: int | None = None,
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
     name: str | None = None,
+    interpolation: str = "bilinear",
+    resize_mode: str = "shorter",
 ) -> FileImageSet:
     """Index a class-per-sub-folder image tree as a lazily decoded :class:`FileImageSet`.
 
@@ -63,6 +66,8 @@ def load_image_folder(
         resize: Shorter side before the centre crop (``None``: stretch to ``size``).
         extensions: Accepted file extensions, with or without the leading dot.
         name: Name of the set; default the root folder's name.
+        interpolation: ``"bilinear"`` or ``"bicubic"`` (see :class:`InputTransform`).
+        resize_mode: ``"shorter"`` or ``"stretch"`` (see :class:`InputTransform`).
 
     Returns:
         The set, ordered by class then path, with one-hot labels and the sorted folder
@@ -112,6 +117,7 @@ def load_image_folder(
         [d.name for d in class_dirs],
         channels=channels,
         size=size,
-        resize=resize,
+        transform=InputTransform(channels, *check_size(size), resize, interpolation,
+                                 resize_mode),
         name=name if name is not None else folder.resolve().name,
     )

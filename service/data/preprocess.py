@@ -6,11 +6,14 @@ uploads, so an image is prepared the same way wherever it enters. Steps, in orde
 1. convert to the model's colour mode (``L`` for 1 channel, ``RGB`` for 3; alpha dropped,
    palettes expanded);
 2. resize: with ``resize`` set, the *shorter* side becomes ``resize`` pixels and the aspect
-   ratio is kept (torchvision's ``Resize(int)``); without it (``None``), the image is stretched
-   to exactly ``height`` x ``width`` (the behaviour of bundles made before the transform was
-   recorded);
-3. centre crop to ``height`` x ``width`` (a no-op after a stretch). Crop offsets round down,
-   as torchvision's ``CenterCrop`` does for integer sizes.
+   ratio is kept (torchvision's ``Resize(int)``), or, with ``resize_mode = "stretch"``, the
+   image is stretched to ``resize`` x ``resize`` (the ``ResizeImage(256)`` of the DHTA and
+   CIBA code); without ``resize`` (``None``), the image is stretched to exactly ``height`` x
+   ``width`` (the behaviour of bundles made before the transform was recorded);
+3. centre crop to ``height`` x ``width`` (a no-op after a stretch). Crop offsets are
+   ``int(round((size - crop) / 2))`` with Python's round-half-to-even, exactly as
+   torchvision's ``CenterCrop`` computes them (so a 383 px side cropped to 224 starts at 80,
+   not 79).
 
 Resizing uses Pillow's bilinear filter (which low-pass filters when shrinking); an image
 that already has the target size is not resampled, so ``uint8`` inputs at model size pass
@@ -30,6 +33,7 @@ from service.errors import ConfigError
 
 MODES = {1: "L", 3: "RGB"}
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESIZE_MODES = ("shorter", "stretch")
 TRANSFORM_VERSION = "hashaudit-input-v1"
 
 
@@ -49,6 +53,9 @@ class InputTransform:
         width: Model input width (the crop width).
         resize: Shorter side after resizing, or ``None`` to stretch to ``height`` x ``width``.
         interpolation: ``"bilinear"`` or ``"bicubic"``.
+        resize_mode: ``"shorter"`` (the shorter side becomes ``resize``, aspect ratio kept) or
+            ``"stretch"`` (the image becomes ``resize`` x ``resize``); used only with
+            ``resize``.
     """
 
     channels: int
@@ -56,6 +63,7 @@ class InputTransform:
     width: int
     resize: int | None = None
     interpolation: str = "bilinear"
+    resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
         if self.channels not in MODES or isinstance(self.channels, bool):
@@ -63,12 +71,17 @@ class InputTransform:
                               field="channels")
         _positive(self.height, "height")
         _positive(self.width, "width")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got "
+                              f"{self.resize_mode!r}", field="resize_mode")
         if self.resize is not None:
             _positive(self.resize, "resize")
-            if self.resize < min(self.height, self.width):
+            side = (max if self.resize_mode == "stretch" else min)(self.height, self.width)
+            if self.resize < side:
                 raise ConfigError(
-                    f"resize ({self.resize}) must be at least the crop's shorter side "
-                    f"({min(self.height, self.width)})", field="resize")
+                    f"resize ({self.resize}) must be at least the crop's "
+                    f"{'longer' if self.resize_mode == 'stretch' else 'shorter'} side ({side})",
+                    field="resize")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                               f"got {self.interpolation!r}", field="interpolation")
@@ -85,6 +98,8 @@ class InputTransform:
         """``(w, h)`` after the resize step for an image of ``width`` x ``height``."""
         if self.resize is None:
             return self.width, self.height
+        if self.resize_mode == "stretch":
+            return self.resize, self.resize
         short = min(width, height)
         if width <= height:
             return self.resize, max(1, int(self.resize * height / short))
@@ -106,7 +121,8 @@ class InputTransform:
                 out = out.resize((max(w, self.width), max(h, self.height)),
                                  INTERPOLATIONS[self.interpolation])
                 w, h = out.size
-            left, top = (w - self.width) // 2, (h - self.height) // 2
+            left = int(round((w - self.width) / 2.0))  # torchvision's CenterCrop offsets
+            top = int(round((h - self.height) / 2.0))
             out = out.crop((left, top, left + self.width, top + self.height))
         pixels = np.asarray(out, dtype=np.uint8)
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
@@ -122,7 +138,9 @@ class InputTransform:
                              "(aspect ratio not kept)")
             return "; ".join(steps) or None
         if (rw, rh) != (width, height):
-            steps.append(f"{self.interpolation} resize of the shorter side to {self.resize} "
+            what = ("stretch" if self.resize_mode == "stretch"
+                    else "resize of the shorter side")
+            steps.append(f"{self.interpolation} {what} to {self.resize} "
                          f"({width}x{height} -> {rw}x{rh})")
         if (rw, rh) != (self.width, self.height):
             steps.append(f"centre crop to {self.width}x{self.height}")
@@ -130,10 +148,18 @@ class InputTransform:
 
     def to_record(self) -> dict[str, Any]:
         """The manifest's ``input.transform`` record."""
-        return {"version": TRANSFORM_VERSION, "mode": self.mode, "resize_shorter": self.resize,
-                "crop": [self.height, self.width], "interpolation": self.interpolation,
-                "order": "convert mode, resize shorter side (none: stretch to the crop size), "
-                         "centre crop"}
+        rec: dict[str, Any] = {
+            "version": TRANSFORM_VERSION, "mode": self.mode, "resize_shorter": self.resize,
+            "crop": [self.height, self.width], "interpolation": self.interpolation,
+            "order": "convert mode, resize shorter side (none: stretch to the crop size), "
+                     "centre crop (offsets as torchvision's CenterCrop)"}
+        if self.resize_mode == "stretch":
+            rec["resize_mode"] = "stretch"
+            rec["resize_shorter"] = None
+            rec["resize_square"] = self.resize
+            rec["order"] = ("convert mode, stretch to resize_square x resize_square, centre "
+                            "crop (offsets as torchvision's CenterCrop)")
+        return rec
 
     @classmethod
     def from_input(cls, inp: dict[str, Any]) -> InputTransform:
@@ -147,9 +173,10 @@ class InputTransform:
         if [int(crop[0]), int(crop[1])] != [height, width]:
             raise ConfigError(f"input.transform.crop {crop} differs from the input size "
                               f"{height}x{width}", field="input.transform")
-        resize = rec.get("resize_shorter")
+        mode = str(rec.get("resize_mode", "shorter"))
+        resize = rec.get("resize_square") if mode == "stretch" else rec.get("resize_shorter")
         return cls(channels, height, width, None if resize is None else int(resize),
-                   str(rec.get("interpolation", "bilinear")))
+                   str(rec.get("interpolation", "bilinear")), mode)
 
 
 def decode_file(path: str, transform: InputTransform) -> npt.NDArray[np.uint8]:

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.data.base import ArrayImageSet, ImageSet
+import numpy as np
+
+from service.data.base import ArrayImageSet, FileImageSet, ImageSet
 from service.data.deephash_list import load_deephash_list
 from service.data.fashion_mnist import (
     FMNIST_FILES,
@@ -91,22 +93,37 @@ def fashion_mnist_mosaic(
             make_mosaic_set(test, num_test_items, seed=seed + 1, grid=grid))
 
 
+def _empty_like(pool: FileImageSet, name: str) -> FileImageSet:
+    """A query pool with no images (a data source that has only a database)."""
+    return FileImageSet([], np.zeros((0, pool.num_classes), np.uint8), pool.class_names,
+                        channels=pool.channels, size=pool.size, transform=pool.transform,
+                        name=name)
+
+
 @SOURCES.register("deephash_list")
 def deephash_list(
-    database_list: str, query_list: str, image_root: str, channels: int = 3,
+    database_list: str, query_list: str | None, image_root: str, channels: int = 3,
     size: tuple[int, int] | list[int] = (224, 224), resize: int | None = None,
-    class_names: list[str] | None = None,
+    class_names: list[str] | None = None, interpolation: str = "bilinear",
+    resize_mode: str = "shorter",
 ) -> tuple[ImageSet, ImageSet]:
     """DeepHash-pytorch style lists (``path l1 ... lC``) for the database and query pools.
     ``size`` is the model input (the crop); ``resize`` the shorter side before the centre crop
-    (default: stretch to ``size``, as DeepHash-pytorch's test transform for square inputs)."""
+    (default: stretch to ``size``, as DeepHash-pytorch's test transform for square inputs);
+    ``interpolation`` and ``resize_mode`` as in :class:`InputTransform`. Without
+    ``query_list`` the query pool is empty (a database indexed without queries)."""
     sz = _size(size)
-    return (load_deephash_list(database_list, image_root, channels, sz, resize, class_names),
-            load_deephash_list(query_list, image_root, channels, sz, resize, class_names))
+    opts = {"interpolation": interpolation, "resize_mode": resize_mode}
+    db = load_deephash_list(database_list, image_root, channels, sz, resize, class_names,
+                            **opts)
+    if query_list is None:
+        return db, _empty_like(db, "no-queries")
+    return db, load_deephash_list(query_list, image_root, channels, sz, resize, class_names,
+                                  **opts)
 
 
 FINGERPRINTS["deephash_list"] = lambda database_list, query_list, **_: _files(
-    Path(database_list), Path(query_list))
+    *(Path(p) for p in (database_list, query_list) if p is not None))
 
 
 def _scenes_meta(root: str) -> dict[str, Any]:
@@ -144,13 +161,19 @@ FINGERPRINTS["scenes"] = _scenes_files
 
 @SOURCES.register("image_folder")
 def image_folder(
-    database_root: str, query_root: str, channels: int = 3,
+    database_root: str, query_root: str | None, channels: int = 3,
     size: tuple[int, int] | list[int] = (224, 224), resize: int | None = None,
+    interpolation: str = "bilinear", resize_mode: str = "shorter",
 ) -> tuple[ImageSet, ImageSet]:
-    """Two image folders (one class per sub-folder) for the database and query pools."""
+    """Two image folders (one class per sub-folder) for the database and query pools (no
+    ``query_root``: an empty query pool)."""
     sz = _size(size)
-    db = load_image_folder(database_root, channels=channels, size=sz, resize=resize)
-    q = load_image_folder(query_root, channels=channels, size=sz, resize=resize)
+    opts = {"channels": channels, "size": sz, "resize": resize,
+            "interpolation": interpolation, "resize_mode": resize_mode}
+    db = load_image_folder(database_root, **opts)
+    if query_root is None:
+        return db, _empty_like(db, "no-queries")
+    q = load_image_folder(query_root, **opts)
     if q.class_names != db.class_names:
         raise ConfigError("query and database folders must have the same class sub-folders",
                           field="data.query_root")
@@ -172,7 +195,7 @@ def _listing(root: str) -> tuple[str, str]:
 
 
 FINGERPRINTS["image_folder"] = lambda database_root, query_root, **_: dict(
-    (_listing(database_root), _listing(query_root)))
+    _listing(r) for r in (database_root, query_root) if r is not None)
 
 
 def source_options(data_cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:

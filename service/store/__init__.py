@@ -5,6 +5,7 @@ from service.store.bundle import (
     Gallery,
     QuerySet,
     load_bundle,
+    load_hasher,
     save_bundle,
     verify_bundle,
 )
@@ -12,6 +13,6 @@ from service.store.manifest import FORMAT_VERSION, Manifest
 from service.store.modelstore import ModelStore
 
 __all__ = [
-    "Bundle", "Gallery", "QuerySet", "load_bundle", "save_bundle", "verify_bundle",
+    "Bundle", "Gallery", "QuerySet", "load_bundle", "load_hasher", "save_bundle", "verify_bundle",
     "FORMAT_VERSION", "Manifest", "ModelStore",
 ]

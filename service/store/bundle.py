@@ -315,8 +315,11 @@ def build_bundle_hasher(manifest: Manifest) -> Hasher:
     )
 
 
-def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundle:
-    """Verify and load a bundle; the hasher is in eval mode with gradients disabled."""
+def load_hasher(folder: Path | str,
+                device: str | torch.device = "cpu") -> tuple[Manifest, Hasher]:
+    """Verify a bundle folder's checksums and load its manifest and hasher (eval mode,
+    gradients disabled); the gallery is not read. :func:`load_bundle` starts with this, and
+    ``hashaudit index`` uses it alone on an imported bundle whose gallery is still empty."""
     folder = Path(folder)
     recorded = verify_bundle(folder)
     manifest = Manifest.from_json((folder / MANIFEST).read_text(), f"{folder.name}/{MANIFEST}")
@@ -334,7 +337,21 @@ def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundl
             f"{folder.name}: hasher weights do not fit the architecture in the manifest: {exc}"
         ) from exc
     hasher.eval().requires_grad_(False).to(device)
+    return manifest, hasher
 
+
+def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundle:
+    """Verify and load a bundle; the hasher is in eval mode with gradients disabled.
+
+    An imported bundle that was not indexed yet (``extra.indexed`` false: weights, no
+    gallery) is refused with a message saying how to index it."""
+    folder = Path(folder)
+    manifest, hasher = load_hasher(folder, device)
+    if manifest.extra.get("indexed") is False:
+        raise BundleError(
+            f"{folder.name}: imported but not indexed yet, so it has no gallery to search; "
+            f"run `hashaudit index {folder.name} --database LIST --root DIR [--query LIST]`",
+            field="bundle")
     g = load_tensors(folder, GALLERY_FILE)
     t = manifest.extra.get("thumbnails")
     if not t:

@@ -48,7 +48,9 @@ def finalize(folder: Path, manifest: Manifest, payload: list[str]) -> Manifest:
     ]
     manifest = manifest.replace(files=files)
     (folder / MANIFEST).write_text(manifest.to_json())
-    lines = [f"{sha256_file(folder / p)}  {p}" for p in sorted([*payload, MANIFEST])]
+    shas = {f["path"]: f["sha256"] for f in files}  # each payload is hashed once
+    shas[MANIFEST] = sha256_file(folder / MANIFEST)
+    lines = [f"{shas[p]}  {p}" for p in sorted([*payload, MANIFEST])]
     (folder / SUMS).write_text("\n".join(lines) + "\n")
     return manifest
 
