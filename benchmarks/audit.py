@@ -33,9 +33,9 @@ from benchmarks.common import (  # noqa: E402  # noqa: E402
     wait_ready,
     write_json,
 )
-from service.inference import BundleService  # noqa: E402
 from service.jobs.queue import run_local_audit  # noqa: E402
 from service.jobs.spec import normalize_spec  # noqa: E402
+from service.serving import BundleService  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

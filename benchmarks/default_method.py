@@ -37,8 +37,8 @@ from benchmarks.common import (  # noqa: E402
 from service.attacks import ATTACKS  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.data.fashion_mnist import load_fashion_mnist  # noqa: E402
-from service.inference import BundleService, Query  # noqa: E402
 from service.parsing import parse_eps  # noqa: E402
+from service.serving import BundleService, Query  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 BAR = 25 / 30  # share of codes the default method must change (issue: 25 of the first 30)

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "num_query": args.query, "num_train": args.train, "seed": 0},
         "hasher": {"arch": args.arch, "bits": args.bits, "loss": args.loss,
                    "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "cls_weight": 0.0,
+                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "cls_weight": args.cls_weight,
                    "precision": args.train_precision, **({"arch_kwargs": args.arch_kwargs}
                                                           if args.arch_kwargs else {})},
     }
@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cls-weight", type=float, default=1.0,
+                   help="weight of the multi-label classification head's loss (0: pure "
+                        "hashing loss)")
     p.add_argument("--gen-epochs", type=int, default=5)
     p.add_argument("--gen-batch-size", type=int, default=64)
     p.add_argument("--proto-steps", type=int, default=600, help="PrototypeNet steps")

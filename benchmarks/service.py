@@ -40,7 +40,8 @@ from benchmarks.common import (  # noqa: E402
     wait_ready,
     write_json,
 )
-from service.inference import BundleService, Query, decode_upload, encode_png  # noqa: E402
+from service.images import decode_upload, encode_png  # noqa: E402
+from service.serving import BundleService, Query  # noqa: E402
 from service.store import ModelStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

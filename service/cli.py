@@ -299,11 +299,11 @@ def cmd_audit(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from service.device import resolve_device
-    from service.inference import BundleService
     from service.jobs.audit_types import audit_types, load_plugins
     from service.jobs.queue import run_local_audit
     from service.jobs.report import render_html
     from service.jobs.spec import normalize_spec
+    from service.serving import BundleService
     from service.store import ModelStore
 
     s = get_settings()

@@ -184,8 +184,8 @@ def test_every_option_has_help_with_its_default() -> None:
 def test_audit_run_defaults_to_the_api_method(tiny_store: Path, tiny_bundle,
                                               tmp_path: Path) -> None:
     """Without --methods, `audit run` audits what POST /audit would: the bundle's default."""
-    from service.inference import BundleService
     from service.jobs.spec import normalize_spec
+    from service.serving import BundleService
 
     svc = BundleService(tiny_bundle)
     api_default = normalize_spec(svc, {"queries": {"count": 4}}, max_queries=10)["methods"]

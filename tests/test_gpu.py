@@ -66,9 +66,9 @@ def test_backdoor_audit_chunks_run_on_cuda(cuda, tmp_path):
     """A short backdoor audit with the bundle on CUDA (what a GPU worker holds): trigger,
     poisoning, retraining and evaluation all run, and the poisoned bundle is frozen."""
     from helpers import REPO
-    from service.inference import BundleService
     from service.jobs.queue import run_local_audit
     from service.jobs.spec import normalize_spec
+    from service.serving import BundleService
     from service.store import ModelStore, load_bundle
 
     store = ModelStore(REPO / "model_store", "cuda")

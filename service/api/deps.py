@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 
 from service.api.state import AppState
 from service.errors import BundleError, Busy, UnknownName
-from service.inference import BundleService
+from service.serving import BundleService
 from service.store.modelstore import check_bundle_name
 
 _key_header = APIKeyHeader(name="X-API-Key", auto_error=False,

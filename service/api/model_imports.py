@@ -23,8 +23,8 @@ from service.errors import BadInput, Busy, Forbidden, HashAuditError, UnknownNam
 from service.importers.importer import ImportSpec, build_hasher_from_checkpoint, import_checkpoint
 from service.importers.index import IndexSpec, index_bundle
 from service.importers.upload import unpack_model_archive
-from service.inference import BundleService
 from service.jobs.uploads import ArchiveLimits, extract_archive
+from service.serving import BundleService
 from service.store.modelstore import check_bundle_name
 
 log = logging.getLogger("service.api")

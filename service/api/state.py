@@ -14,7 +14,7 @@ from service.api.batching import MicroBatcher
 from service.api.prometheus import Metrics
 from service.config import Settings
 from service.errors import HashAuditError
-from service.inference import BundleService
+from service.serving import BundleService
 from service.store import ModelStore
 
 log = logging.getLogger("service.api")

@@ -168,7 +168,7 @@ def test_model_uploads_are_off_by_default_and_need_api_keys(tmp_path: Path) -> N
 
 
 def test_generators_train_for_an_imported_bundle(own_store: Path, tmp_path: Path) -> None:
-    from service.inference import BundleService
+    from service.serving import BundleService
     from service.store import load_bundle
     from service.training.train_cli import main as train
 

@@ -47,11 +47,11 @@ def test_plugin_type_runs_in_process(tiny_store, tiny_bundle):
     dotted string, the reduce and the report all come from the plugin."""
     import audit_plugin  # noqa: F401 - registers code_balance
 
-    from service.inference import BundleService
     from service.jobs.audit_types import AUDIT_TYPES
     from service.jobs.queue import run_local_audit
     from service.jobs.report import render_html
     from service.jobs.spec import normalize_spec
+    from service.serving import BundleService
     from service.store import ModelStore
 
     assert "code_balance" in AUDIT_TYPES

@@ -13,7 +13,8 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS, AttackResponse, EncodeResponse
 from service.api.state import AppState
 from service.errors import BadInput
-from service.inference import BundleService, Query, decode_upload
+from service.images import decode_upload
+from service.serving import BundleService, Query
 
 router = APIRouter(tags=["attack"], dependencies=[Depends(require_api_key)])
 

@@ -8,7 +8,7 @@ stored codes in chunk order and computes every figure with ``service.evaluation`
 is drawn by :mod:`~service.jobs.audit_types.attack_report`.
 
 Torch is imported only inside the functions that need it (``service.attacks``,
-``service.inference``), so that listing the audit types (``hashaudit --help``) stays fast.
+``service.serving``), so that listing the audit types (``hashaudit --help``) stays fast.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class AttackAudit(AuditType):
         """All chunks -> figures: clean and attacked mAP, drops, t-MAP, curves, stats,
         examples."""
         from service.attacks import ATTACKS
-        from service.inference import psnr_db
+        from service.images import psnr_db
 
         bundle = ctx.models.get(spec["model"])
         bits = bundle.manifest.bits
@@ -402,7 +402,7 @@ def _t_map_ceilings(bundle: Any, target: np.ndarray, db_codes: np.ndarray,
 def _examples(bundle: Any, method: str, eps: float, arr: dict[str, np.ndarray],
               bits: int) -> list[dict[str, Any]]:
     """Query / adversarial / perturbation and top-5 hits before and after, as base64 PNGs."""
-    from service.inference import stretch_perturbation
+    from service.images import stretch_perturbation
 
     clean_x, adv_x = arr["example_clean"], arr["example_adv"]
     n = len(adv_x)

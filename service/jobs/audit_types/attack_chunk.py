@@ -14,7 +14,7 @@ import numpy as np
 from service.attacks import ATTACKS
 from service.attacks.runner import attack_batch
 from service.errors import BadImage, BundleError, HashAuditError
-from service.inference import decode_upload, rmse_per_image
+from service.images import decode_upload, rmse_per_image
 from service.jobs.audit_store import pack_arrays
 from service.jobs.audit_types.attack import parse_chunk
 from service.jobs.audit_types.base import Cancelled, check_bundle

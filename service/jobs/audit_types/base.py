@@ -83,7 +83,7 @@ def chunk_function(dotted: str) -> Callable[..., bytes]:
 @dataclass
 class SpecInputs:
     """What a type's ``normalize`` may use besides the request: the audited bundle's service
-    (``service.inference.BundleService``), the query limit, the audit store (uploaded query
+    (``service.serving.BundleService``), the query limit, the audit store (uploaded query
     sets; None in the CLI) and a lookup of other served bundles by name (None: none)."""
 
     svc: Any

@@ -17,7 +17,7 @@ from typing import Any
 
 def b64png(chw: Any) -> str:
     """A (C, H, W) uint8 image as base64 PNG."""
-    from service.inference import encode_png
+    from service.images import encode_png
 
     return base64.b64encode(encode_png(chw)).decode()
 

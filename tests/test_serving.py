@@ -10,7 +10,7 @@ from PIL import Image
 
 from service.data.preprocess import InputTransform
 from service.errors import BadImage, PayloadTooLarge, UnsupportedImageType
-from service.inference import (
+from service.images import (
     decode_upload,
     encode_png,
     perturbation_stats,
@@ -100,7 +100,7 @@ def _declare_default(folder, method: str):
 
 
 def test_default_method_rule_and_manifest_declaration(tiny_bundle, tiny_bundle_copy, caplog):
-    from service.inference import RULE_DEFAULT_METHOD, BundleService
+    from service.serving import RULE_DEFAULT_METHOD, BundleService
     from service.store.bundle import load_bundle
 
     svc = BundleService(tiny_bundle)
@@ -123,7 +123,7 @@ def test_default_method_rule_and_manifest_declaration(tiny_bundle, tiny_bundle_c
 
 
 def test_note_names_what_to_try_and_stays_quiet_when_the_hits_moved(tiny_bundle):
-    from service.inference import BundleService, Query
+    from service.serving import BundleService, Query
 
     svc = BundleService(tiny_bundle)
     q = tiny_bundle.queries
