@@ -23,6 +23,7 @@ TINY_ARGS = [
 
 TINY_GENERATOR_ARGS = [
     "generator", "--epochs", "3", "--num-train", "1000", "--width", "8", "--batch-size", "50",
+    "--proto-steps", "200",
     "--lr", "1e-3", "--device", "cpu", "--no-progress",
 ]
 

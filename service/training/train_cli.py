@@ -15,7 +15,7 @@ from service.parsing import parse_eps
 from service.precision import CHOICES
 from service.training.bundle_builder import build_bundle, read_config
 from service.training.commands import TRAIN_COMMANDS
-from service.training.generator_trainer import GeneratorConfig, train_generator
+from service.training.generator_trainer import GeneratorConfig, PrototypeConfig, train_generator
 from service.training.hasher import HasherConfig
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saliency_gan: weight of the Grad-CAM difference term")
     g.add_argument("--margin", type=float, default=GeneratorConfig.margin,
                    help="uaa_gan: triplet margin on relaxed-code distance (0..4)")
+    g.add_argument("--proto-steps", type=int, default=PrototypeConfig.steps,
+                   help="PrototypeNet training steps (when the bundle has none yet)")
     g.add_argument("--seed", type=int, default=0, help="training seed")
     _precision(g, GeneratorConfig.precision, "training precision")
     _common(g)
@@ -231,11 +233,15 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
         folder = store / check_bundle_name(args.bundle, field="bundle")
     lo, hi = (args.eps, args.eps) if args.eps is not None else (args.eps_min, args.eps_max)
     a, b, c = args.weights if args.weights else (None, None, None)
+    if args.proto_steps < 1:
+        print(f"error: --proto-steps must be at least 1, got {args.proto_steps}")
+        return 2
     cfg = GeneratorConfig(attack=args.attack, eps_min=lo, eps_max=hi, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
                           width=args.width, num_train=args.num_train, seed=args.seed,
                           weight_t=a, weight_q=b, weight_d=c, margin=args.margin,
-                          cam_weight=args.cam_weight, precision=args.precision)
+                          cam_weight=args.cam_weight, precision=args.precision,
+                          prototype=PrototypeConfig(steps=args.proto_steps))
     try:
         entry = train_generator(folder, cfg, device=device, checkpoint_dir=args.checkpoint_dir,
                                 progress=not args.no_progress)
