@@ -252,7 +252,10 @@ def cmd_serve(argv: list[str]) -> int:
                              not args.no_access_log)
     from service.api import create_app
     from service.api.shutdown import serve
+    from service.api.workers import set_torch_threads
 
+    logging.getLogger("service.api").info("torch uses %d CPU thread(s)",
+                                          set_torch_threads(settings, 1))
     app = create_app(settings)
     serve(app, args.host, args.port, settings.shutdown_drain_s, log_level=args.log_level,
           access_log=not args.no_access_log)

@@ -65,6 +65,24 @@ def check_workers(settings: Settings, workers: int) -> None:
             field="workers")
 
 
+def torch_threads(settings: Settings, workers: int) -> int:
+    """CPU threads for torch in one server process (``HASHAUDIT_TORCH_THREADS``; 0 = auto)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return max(1, (cores - 1) // workers)
+
+
+def set_torch_threads(settings: Settings, workers: int) -> int:
+    """Apply :func:`torch_threads` to this process (call before the bundles load)."""
+    import torch
+
+    n = torch_threads(settings, workers)
+    torch.set_num_threads(n)
+    return n
+
+
 def multiproc_dir() -> Path | None:
     """The shared metrics folder when serving with several processes, else None."""
     d = os.environ.get(MULTIPROC_ENV)
@@ -121,7 +139,10 @@ def _child(sock: socket.socket, host: str, port: int, drain_s: float, log_level:
     from service.api.shutdown import serve
     from service.config import get_settings
 
-    serve(create_app(get_settings()), host, port, drain_s, log_level=log_level,
+    settings = get_settings()
+    log.info("server process %d: torch uses %d CPU thread(s)", os.getpid(),
+             set_torch_threads(settings, settings.workers))
+    serve(create_app(settings), host, port, drain_s, log_level=log_level,
           access_log=access_log, sockets=[sock])
 
 
