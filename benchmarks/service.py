@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,6 +45,8 @@ from benchmarks.common import (  # noqa: E402
     wait_ready,
     write_json,
 )
+from service.api.workers import torch_threads  # noqa: E402
+from service.config import Settings  # noqa: E402
 from service.images import decode_upload, encode_png  # noqa: E402
 from service.serving import BundleService, Query  # noqa: E402
 from service.store import ModelStore  # noqa: E402
@@ -203,6 +206,9 @@ def main() -> int:
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
 
+    # the in-process pipeline gets the CPU threads of one server process (HASHAUDIT_TORCH_THREADS)
+    threads = torch_threads(Settings(), args.workers)
+    torch.set_num_threads(threads)
     bundle = ModelStore(args.store, device, precision).get(args.model)
     svc = BundleService(bundle)
     q = bundle.queries
@@ -292,7 +298,7 @@ def main() -> int:
     write_json("service", {
         "machine": machine(device, precision), "model": args.model, "url": url,
         "server": "started here" if server is not None else "given by --url",
-        "seconds": args.seconds, "workers": args.workers,
+        "seconds": args.seconds, "workers": args.workers, "in_process_torch_threads": threads,
         "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "rows": rows,
         "table": table,
     }, args.out)
