@@ -27,9 +27,9 @@ class Settings(BaseSettings):
             with its own copy of the bundles and its own micro-batcher; more than one needs
             ``redis_url`` (audits run on Redis workers) and no ``model_uploads``.
         torch_threads: CPU threads torch uses inside each server process; 0 (default) =
-            ``(cores - 1) // workers``, at least 1: a core is left to HTTP, and processes do
-            not oversubscribe the cores (threads that wait for a busy core make every
-            forward pass many times slower on a shared machine).
+            ``OMP_NUM_THREADS`` if set, else ``(cores - 1) // workers``, at least 1: a core
+            is left to HTTP, and processes do not oversubscribe the cores (threads that wait
+            for a busy core make every forward pass many times slower on a shared machine).
         api_keys: comma-separated keys; when set, every endpoint but ``/health/*`` needs one
             (``Authorization: Bearer <key>`` or ``X-API-Key: <key>``).
         max_batch / max_delay_ms: micro-batcher: the most requests run in one forward pass,

@@ -66,9 +66,13 @@ def check_workers(settings: Settings, workers: int) -> None:
 
 
 def torch_threads(settings: Settings, workers: int) -> int:
-    """CPU threads for torch in one server process (``HASHAUDIT_TORCH_THREADS``; 0 = auto)."""
+    """CPU threads for torch in one server process: ``HASHAUDIT_TORCH_THREADS``; if 0 (auto),
+    ``OMP_NUM_THREADS`` when set, else ``(cores - 1) // workers``, at least 1."""
     if settings.torch_threads:
         return settings.torch_threads
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
     return max(1, (cores - 1) // workers)
