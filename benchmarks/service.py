@@ -10,6 +10,10 @@ client costs little CPU (it shares the machine with the server). Each concurrenc
 for ``--seconds`` after a warm-up; latency is measured per request (send to last byte).
 The in-process figure is measured twice: at the batch size the server actually formed in
 that run ("same batching") and at ``min(clients, max_batch)`` (the pipeline's best case).
+When this script starts the server, it also reads the server's own CPU time (user + system,
+from ``/proc``, the server process and every process under it, so ``--workers N`` counts all N)
+before and after each load run and reports **server CPU ms per request**: that CPU time
+divided by the requests answered in the run (warm-up included, as its CPU is included).
 Prints a table and writes ``benchmarks/results/service.json``.
 """
 
@@ -27,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,6 +45,8 @@ from benchmarks.common import (  # noqa: E402
     wait_ready,
     write_json,
 )
+from service.api.workers import torch_threads  # noqa: E402
+from service.config import Settings  # noqa: E402
 from service.images import decode_upload, encode_png  # noqa: E402
 from service.serving import BundleService, Query  # noqa: E402
 from service.store import ModelStore  # noqa: E402
@@ -76,9 +83,42 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, body
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (Linux ``/proc``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and the processes under it, now."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / tick
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 async def load(host: str, port: int, requests: list[bytes], clients: int, seconds: float,
                warmup: float) -> dict[str, Any]:
     """``clients`` keep-alive connections sending ``requests`` round-robin for ``seconds``."""
+    answered = [0]  # every response, warm-up included (for CPU per request)
     latencies: list[float] = []
     batch_sizes: list[int] = []
     errors: dict[int, int] = {}
@@ -98,6 +138,7 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, second
                 i += clients
                 status, body = await _read_response(reader)
                 t1 = time.perf_counter()
+                answered[0] += 1
                 if t0 < t_measure:
                     continue
                 if status != 200:
@@ -113,7 +154,8 @@ async def load(host: str, port: int, requests: list[bytes], clients: int, second
     await asyncio.gather(*[client(n) for n in range(clients)])
     lat = np.array(latencies) * 1e3
     return {
-        "clients": clients, "requests": len(latencies), "errors": errors,
+        "clients": clients, "requests": len(latencies), "answered": answered[0],
+        "errors": errors,
         "throughput": len(latencies) / seconds,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
         "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
@@ -153,6 +195,9 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (hashaudit serve --workers)")
+    p.add_argument("--port", type=int, default=8790, help="port of the server started here")
     p.add_argument("--out", type=Path, default=None)
     add_device_arg(p)
     add_precision_arg(p)
@@ -161,6 +206,9 @@ def main() -> int:
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
 
+    # the in-process pipeline gets the CPU threads of one server process (HASHAUDIT_TORCH_THREADS)
+    threads = torch_threads(Settings(), args.workers)
+    torch.set_num_threads(threads)
     bundle = ModelStore(args.store, device, precision).get(args.model)
     svc = BundleService(bundle)
     q = bundle.queries
@@ -171,15 +219,16 @@ def main() -> int:
 
     server = None
     if args.url is None:
-        port = 8790
+        port = args.port
         env = {**os.environ, "HASHAUDIT_MODEL_STORE": str(args.store),
                "HASHAUDIT_DEFAULT_BUNDLE": args.model, "HASHAUDIT_DEVICE": device,
                "HASHAUDIT_PRECISION": precision,
                "HASHAUDIT_MAX_BATCH": str(args.max_batch),
                "HASHAUDIT_MAX_DELAY_MS": str(args.max_delay_ms)}
+        workers = ["--workers", str(args.workers)] if args.workers != 1 else []
         server = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-             "--no-access-log", "--log-level", "warning"], env=env, cwd=REPO)
+             "--no-access-log", "--log-level", "warning", *workers], env=env, cwd=REPO)
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, server)
     else:
@@ -197,7 +246,14 @@ def main() -> int:
                     fields.update(method=method, eps="8/255")
                 reqs.append(multipart_request(host, f"/{kind}", fields, pngs[i]))
             for c in args.clients:
+                la0 = load_avg()
+                cpu0 = cpu_seconds(server.pid) if server is not None else None
                 r = asyncio.run(load(host, port, reqs, c, args.seconds, args.warmup))
+                if server is not None:
+                    r["server_cpu_ms_per_request"] = (
+                        (cpu_seconds(server.pid) - cpu0) * 1e3 / max(1, r["answered"]))
+                r["load_avg_before"], r["load_avg_after"] = la0, load_avg()
+                r["load_1m"] = f"{la0[0]}, {r['load_avg_after'][0]}"
                 # "same batching": the batch size the server actually formed in this run;
                 # also the full max batch, the best the pipeline does in-process
                 same = max(1, round(r["mean_batch"] or 1))
@@ -213,7 +269,10 @@ def main() -> int:
                        "ratio_same": r["throughput"] / ip_same,
                        "ratio_full": r["throughput"] / ip_full}
                 rows.append(row)
+                cpu = r.get("server_cpu_ms_per_request")
                 print(f"{row['endpoint']} {row['method']} c={c}: {r['throughput']:.1f} req/s, "
+                      f"server CPU {cpu if cpu is None else round(cpu, 2)} ms/request, "
+                      f"load average {r['load_avg_before']} -> {r['load_avg_after']}, "
                       f"in-process {ip_same:.1f} img/s at batch {same} (ratio "
                       f"{row['ratio_same']:.2f}), {ip_full:.1f} at batch {full} (ratio "
                       f"{row['ratio_full']:.2f})", flush=True)
@@ -228,6 +287,8 @@ def main() -> int:
         ("throughput", "HTTP req/s", ".1f"), ("p50_ms", "p50 ms", ".1f"),
         ("p95_ms", "p95 ms", ".1f"), ("p99_ms", "p99 ms", ".1f"),
         ("mean_batch", "server mean batch", ".1f"),
+        ("server_cpu_ms_per_request", "server CPU ms/request", ".2f"),
+        ("load_1m", "load avg 1 min (before, after)", ""),
         ("in_process_same", "in-process img/s (same batch)", ".1f"),
         ("ratio_same", "HTTP / in-process (same batch)", ".2f"),
         ("full_batch", "max batch", "d"), ("in_process_full", "in-process img/s (max batch)",
@@ -237,7 +298,7 @@ def main() -> int:
     write_json("service", {
         "machine": machine(device, precision), "model": args.model, "url": url,
         "server": "started here" if server is not None else "given by --url",
-        "seconds": args.seconds,
+        "seconds": args.seconds, "workers": args.workers, "in_process_torch_threads": threads,
         "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "rows": rows,
         "table": table,
     }, args.out)

@@ -218,6 +218,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="address to listen on ($HASHAUDIT_HOST)")
     p.add_argument("--port", type=int, default=settings.port,
                    help="port to listen on ($HASHAUDIT_PORT)")
+    p.add_argument("--workers", type=int, default=settings.workers,
+                   help="server processes on this port, each with its own bundles and "
+                        "micro-batcher; more than 1 needs HASHAUDIT_REDIS_URL "
+                        "($HASHAUDIT_WORKERS)")
     p.add_argument("--log-level", default="info",
                    help="uvicorn log level: critical, error, warning, info, debug or trace")
     p.add_argument("--no-access-log", action="store_true",
@@ -226,19 +230,33 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    """Run the REST API with uvicorn (one process; the micro-batcher needs one model copy).
-    SIGTERM drains requests in flight for at most HASHAUDIT_SHUTDOWN_DRAIN_S, then exits."""
+    """Run the REST API with uvicorn: one process, or ``--workers N`` processes on one port
+    (service.api.workers). SIGTERM drains requests in flight for at most
+    HASHAUDIT_SHUTDOWN_DRAIN_S, then exits."""
     settings = get_settings()
     args = serve_parser().parse_args(argv)
-    from service.api import create_app
-    from service.api.shutdown import serve
+    from service.api.workers import check_workers
 
-    app = create_app(settings)
+    check_workers(settings, args.workers)
+    settings = settings.model_copy(update={"workers": args.workers})
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"HashAudit {app.version}: serving {settings.model_store} "
-          f"(default bundle {settings.default_bundle})\n"
+    print(f"HashAudit {__version__}: serving {settings.model_store} "
+          f"(default bundle {settings.default_bundle}, {args.workers} "
+          f"process{'es' if args.workers > 1 else ''})\n"
           f"  Swagger UI: http://{shown}:{args.port}/docs (ReDoc: /redoc)\n"
           f"  ready when: http://{shown}:{args.port}/health/ready answers 200", flush=True)
+    if args.workers > 1:
+        from service.api.workers import serve_workers
+
+        return serve_workers(settings, args.workers, args.host, args.port, args.log_level,
+                             not args.no_access_log)
+    from service.api import create_app
+    from service.api.shutdown import serve
+    from service.api.workers import set_torch_threads
+
+    logging.getLogger("service.api").info("torch uses %d CPU thread(s)",
+                                          set_torch_threads(settings, 1))
+    app = create_app(settings)
     serve(app, args.host, args.port, settings.shutdown_drain_s, log_level=args.log_level,
           access_log=not args.no_access_log)
     return 0

@@ -23,6 +23,13 @@ class Settings(BaseSettings):
             perturbation, projection and uint8 rounding in float32 either way.
         fmnist_dir: folder of the Fashion-MNIST IDX files.
         host / port: where ``hashaudit serve`` listens.
+        workers: server processes of ``hashaudit serve`` on that port (``--workers``), each
+            with its own copy of the bundles and its own micro-batcher; more than one needs
+            ``redis_url`` (audits run on Redis workers) and no ``model_uploads``.
+        torch_threads: CPU threads torch uses inside each server process; 0 (default) =
+            ``OMP_NUM_THREADS`` if set, else ``(cores - 1) // workers``, at least 1: a core
+            is left to HTTP, and processes do not oversubscribe the cores (threads that wait
+            for a busy core make every forward pass many times slower on a shared machine).
         api_keys: comma-separated keys; when set, every endpoint but ``/health/*`` needs one
             (``Authorization: Bearer <key>`` or ``X-API-Key: <key>``).
         max_batch / max_delay_ms: micro-batcher: the most requests run in one forward pass,
@@ -79,6 +86,8 @@ class Settings(BaseSettings):
     fmnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    torch_threads: int = Field(0, ge=0, le=1024)
     api_keys: str = ""
     max_batch: int = Field(32, ge=1, le=1024)
     max_delay_ms: float = Field(5.0, ge=0.0, le=10_000.0)

@@ -52,7 +52,8 @@ STRONGER_TARGETED = ("tha_targeted", "dhta_targeted")
 
 def code_json(code: np.ndarray) -> dict[str, str]:
     """A +-1 code as hex (first bit = most significant) and as a '0'/'1' string (+1 -> '1')."""
-    return {"hex": codes_to_hex(code), "bits": "".join("1" if b > 0 else "0" for b in code)}
+    bits = np.where(np.asarray(code) > 0, 49, 48).astype(np.uint8).tobytes().decode("ascii")
+    return {"hex": codes_to_hex(code), "bits": bits}
 
 
 def _eps_text(eps: float) -> str:
@@ -117,6 +118,9 @@ class BundleService:
         self._thumb_cache = thumb_cache
         self._thumb_lock = threading.Lock()
         self._proto_cache: dict[bytes, np.ndarray] = {}
+        # per-bundle parts of every answer, built once instead of per request
+        self._model = {"name": m.name, "version": m.version, "sha": bundle.sha}
+        self._hit_labels: dict[int, list[str]] = {}  # gallery index -> label names
 
     @property
     def name(self) -> str:
@@ -211,11 +215,15 @@ class BundleService:
                   target: np.ndarray | None) -> tuple[list[dict[str, Any]], float | None]:
         g = self.bundle.gallery
         rows, rel_count = [], 0
+        names = self._hit_labels
         for i, d in zip(idx.tolist(), dist.tolist(), strict=True):
             gid = int(g.ids[i])
             hit_labels = g.labels[i]
+            hit_names = names.get(i)
+            if hit_names is None:
+                hit_names = names[i] = [self.classes[j] for j in np.flatnonzero(hit_labels)]
             row: dict[str, Any] = {
-                "id": gid, "labels": [self.classes[j] for j in np.flatnonzero(hit_labels)],
+                "id": gid, "labels": list(hit_names),
                 "hamming": int(d), "thumbnail_url": f"/gallery/{self.name}/{gid}.png"}
             if labels is not None:
                 rel = bool((hit_labels & labels).any())
@@ -231,8 +239,7 @@ class BundleService:
         return None if vec is None else [self.classes[j] for j in np.flatnonzero(vec)]
 
     def _model_json(self) -> dict[str, str]:
-        m = self.bundle.manifest
-        return {"name": m.name, "version": m.version, "sha": self.bundle.sha}
+        return dict(self._model)
 
     def encode(self, queries: list[Query]) -> list[dict[str, Any]]:
         """Code and top-k hits of each query (no attack)."""

@@ -46,11 +46,13 @@ def free_port() -> int:
 class ServerProcess:
     """``hashaudit serve`` in a subprocess on a free port; waits until /health/ready is 200.
 
-    Use as a context manager; ``url`` is the base URL, ``log`` the server's output file.
+    Use as a context manager; ``url`` is the base URL, ``log`` the server's output file,
+    ``args`` more ``serve`` options (``["--workers", "2"]``).
     """
 
     def __init__(self, store: Path, log: Path, default_bundle: str = "tiny",
-                 env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> None:
+                 env: dict[str, str] | None = None, ready_timeout: float = 120.0,
+                 args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -58,6 +60,7 @@ class ServerProcess:
                     "HASHAUDIT_DEFAULT_BUNDLE": default_bundle, "HASHAUDIT_DEVICE": "cpu",
                     "OMP_NUM_THREADS": "1", **(env or {})}
         self.ready_timeout = ready_timeout
+        self.args = list(args or [])
         self.proc = None
 
     def __enter__(self) -> ServerProcess:
@@ -69,7 +72,8 @@ class ServerProcess:
 
         self._out = open(self.log, "wb")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+             *self.args],
             stdout=self._out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:

@@ -18,6 +18,7 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.prometheus import Metrics, MetricsMiddleware
 from service.api.shutdown import CancelledAsJSON
 from service.api.state import AppState
+from service.api.workers import mark_ready
 from service.config import Settings, get_settings
 from service.device import resolve_device
 from service.errors import ConfigError
@@ -85,12 +86,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 state.loading = False
                 metrics.ready.set(1 if state.ready else 0)
+                mark_ready(state.serving)  # --workers N: readiness of all processes
 
         loader = asyncio.create_task(load(), name="load-bundles")
         try:
             yield
         finally:
             loader.cancel()
+            mark_ready(False)
             await batcher.stop()
             stop = getattr(state.audits.runner, "stop", None)
             if stop is not None:

@@ -1,7 +1,16 @@
-"""Prometheus metrics of one app instance (its own registry, so tests can build many apps)."""
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps).
+
+With ``hashaudit serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set before the server
+processes start), prometheus_client keeps every value in files of that folder and
+:meth:`Metrics.render` aggregates all processes: counters and histograms are summed, queue
+depth is summed over live processes, ``hashaudit_models_loaded`` and ``hashaudit_ready`` are
+the minimum over live processes (1 only when every process is ready), and
+``hashaudit_process_requests`` counts requests per process (label ``pid``).
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -27,6 +36,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # values live in files shared by the server processes (see the module docstring)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter("hashaudit_requests", "HTTP requests by route and status",
                                 ["method", "route", "status"], registry=r)
         self.latency = Histogram("hashaudit_request_seconds", "HTTP request latency",
@@ -40,11 +51,18 @@ class Metrics:
         self.inference = Histogram("hashaudit_inference_seconds", "Wall time per batch",
                                    ["kind"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("hashaudit_queue_depth",
-                                 "Requests waiting for the inference thread", registry=r)
+                                 "Requests waiting for the inference thread", registry=r,
+                                 multiprocess_mode="livesum")
         self.queue_rejected = Counter("hashaudit_queue_rejected",
                                       "Requests refused because the queue was full", registry=r)
-        self.models = Gauge("hashaudit_models_loaded", "Bundles loaded and warmed", registry=r)
-        self.ready = Gauge("hashaudit_ready", "1 when /health/ready answers 200", registry=r)
+        self.models = Gauge("hashaudit_models_loaded", "Bundles loaded and warmed", registry=r,
+                            multiprocess_mode="livemin")
+        self.ready = Gauge("hashaudit_ready", "1 when /health/ready answers 200", registry=r,
+                           multiprocess_mode="livemin")
+        self.process_requests = (
+            Gauge("hashaudit_process_requests", "HTTP requests served by each server process",
+                  ["route"], registry=r, multiprocess_mode="all")
+            if self.multiprocess else None)
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
@@ -55,7 +73,13 @@ class Metrics:
         self.inference.labels(kind).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 class MetricsMiddleware:
@@ -83,6 +107,8 @@ class MetricsMiddleware:
             path = route_label(scope)
             self.metrics.requests.labels(scope.get("method", ""), path, str(status["code"])).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+            if self.metrics.process_requests is not None:
+                self.metrics.process_requests.labels(path).inc()
 
 
 def route_label(scope: dict) -> str:

@@ -85,11 +85,12 @@ class CancelledAsJSON:
 
 
 def serve(app: Any, host: str, port: int, drain_s: float, log_level: str = "info",
-          access_log: bool = True) -> None:
+          access_log: bool = True, sockets: list[Any] | None = None) -> None:
     """Run ``app`` (from :func:`service.api.create_app`) until SIGTERM/SIGINT, then drain
-    for at most ``drain_s`` seconds and return."""
+    for at most ``drain_s`` seconds and return. ``sockets``: listen on these (already bound,
+    shared by the processes of ``--workers N``) instead of binding ``host:port``."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             access_log=access_log, timeout_graceful_shutdown=drain_s)
     state = app.state.hashaudit
     server = DrainingServer(config, lambda: state.begin_drain(drain_s - drain_margin(drain_s)))
-    server.run()
+    server.run(sockets=sockets)

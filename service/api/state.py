@@ -12,6 +12,7 @@ from typing import Any
 
 from service.api.batching import MicroBatcher
 from service.api.prometheus import Metrics
+from service.api.workers import mark_ready
 from service.config import Settings
 from service.errors import HashAuditError
 from service.serving import BundleService
@@ -52,6 +53,7 @@ class AppState:
         flight are served for ``seconds`` more, then the rest is answered 503."""
         self.draining = True
         self.metrics.ready.set(0)
+        mark_ready(False)
         self.batcher.drain(seconds)
         log.info("shutting down: draining requests in flight for at most %.1f s", seconds)
 

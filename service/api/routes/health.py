@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -12,6 +13,7 @@ from starlette.responses import Response
 from service.api.deps import get_state, require_api_key
 from service.api.responses import JSON
 from service.api.schemas import Health
+from service.api.workers import ready_count
 
 router = APIRouter(tags=["health"])
 
@@ -34,15 +36,21 @@ async def ready(request: Request) -> JSON:
         reachable, depth = await run_in_threadpool(lambda: (runner.healthy(), runner.depth()))
         audits = {"runner": "redis" if state.settings.redis_url else "in-process",
                   "reachable": reachable, "queued_chunks": depth}
-    detail = {"loading": state.loading, "device": state.device,
+    ready_n, workers = ready_count(), state.settings.workers
+    processes = (None if ready_n is None else
+                 {"pid": os.getpid(), "workers": workers, "ready": min(ready_n, workers)})
+    detail = {"loading": state.loading, "device": state.device, "processes": processes,
               "models": sorted(state.services), "failed": state.load_errors,
               "default": state.settings.default_bundle, "queue_depth": state.batcher.depth,
               "audits": audits}
-    if state.serving and audits is not None and audits["reachable"]:
+    all_serve = ready_n is None or ready_n >= workers
+    if state.serving and all_serve and audits is not None and audits["reachable"]:
         return JSON({"status": "ready", "detail": detail})
     why = ("shutting down" if state.draining else "loading" if state.loading
            else "default bundle not loaded"
-           if state.settings.default_bundle not in state.services else "redis unreachable")
+           if state.settings.default_bundle not in state.services
+           else "redis unreachable" if audits is None or not audits["reachable"]
+           else f"{ready_n} of {workers} server processes ready")
     return JSON({"status": why, "detail": detail}, status_code=503,
                 headers={"Retry-After": "2"})
 
