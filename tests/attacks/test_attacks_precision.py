@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 from service.attacks import ATTACKS
 from service.attacks.runner import attack_batch
-from service.jobs.spec import target_labels
+from service.jobs.audit_types.attack_chunk import target_labels
 from service.store import ModelStore
 
 STORE = REPO / "model_store"
