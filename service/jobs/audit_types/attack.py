@@ -140,6 +140,10 @@ class AttackAudit(AuditType):
                        "total": total}
         else:
             total = len(svc.bundle.queries)
+            if total == 0:
+                raise BadInput(f"queries: bundle {svc.name} has no query split (it was indexed "
+                               "without --query); upload query images (queries.upload_id)",
+                               field="queries")
             count = q.get("count")
             count = total if count is None else int_in(count, 1, COUNT_MAX, "queries.count")
             if count < 1 or count > total:
