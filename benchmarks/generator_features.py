@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402, E501
 from service.attacks.base import scale_for, to_uint8_within  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.evaluation import retrieval_figures  # noqa: E402
@@ -41,10 +41,12 @@ def run(bundle, features: bool, epochs: int, num_train: int, queries: int,
     h = bundle.hasher.eval()
     for p in h.parameters():
         p.requires_grad_(False)
-    x_train = torch.from_numpy(bundle.train_split(num_train, 0)[0]).float() / 255
+    dev = bundle.device
+    x_train = torch.from_numpy(bundle.train_split(num_train, 0)[0]).to(dev).float() / 255
     with torch.no_grad():
         channels = h.forward_features(x_train[:1]).shape[1] if features else 0
-    gen = PerturbationGenerator(x_train.shape[1], width=16, blocks=6, cond_channels=channels)
+    gen = PerturbationGenerator(x_train.shape[1], width=16, blocks=6,
+                                cond_channels=channels).to(dev)
     opt = torch.optim.Adam(gen.parameters(), lr=lr, betas=(0.5, 0.999))
     q = bundle.queries
     db = bundle.gallery.codes(bundle.manifest.bits), bundle.gallery.labels
@@ -62,9 +64,9 @@ def run(bundle, features: bool, epochs: int, num_train: int, queries: int,
         advs = []
         with torch.no_grad():
             for i in range(0, queries, 100):
-                x = torch.from_numpy(q.images[i:i + 100]).float() / 255
+                x = torch.from_numpy(q.images[i:i + 100]).to(dev).float() / 255
                 xa = (x + gen(x, cond(x), EPS)).clamp(0, 1)
-                advs.append(to_uint8_within(xa, x, EPS).numpy())
+                advs.append(to_uint8_within(xa, x, EPS).cpu().numpy())
         gen.train()
         codes = encode_uint8(h, np.concatenate(advs))
         return retrieval_figures(codes, q.labels[:queries], *db, curves=False)["map_all"]
@@ -97,17 +99,19 @@ def main() -> int:
     p.add_argument("--num-train", type=int, default=5000)
     p.add_argument("--num-queries", type=int, default=500)
     p.add_argument("--lr", type=float, default=1e-4)
+    add_device_arg(p)
     args = p.parse_args()
     torch.set_num_threads(2)
     s = get_settings()
-    bundle = ModelStore(s.model_store, "cpu").get(args.bundle or s.default_bundle)
+    dev = pick_device(args.device)
+    bundle = ModelStore(s.model_store, dev).get(args.bundle or s.default_bundle)
     rows = []
     for features in (True, False):
         rows += run(bundle, features, args.epochs, args.num_train, args.num_queries, args.lr)
     table = print_table(rows, [("input", "generator input", ""), ("epoch", "epoch", "d"),
                                ("map_all", "mAP@all 8/255", ".4f"),
                                ("train_s", "train s", ".0f")])
-    write_json("generator_features", {"machine": machine(), "bundle": bundle.name,
+    write_json("generator_features", {"machine": machine(dev), "bundle": bundle.name,
                                       "num_train": args.num_train,
                                       "queries": args.num_queries, "rows": rows,
                                       "table": table})

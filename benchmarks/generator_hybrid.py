@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402, E501
 from service.attacks.base import scale_for, to_uint8_within  # noqa: E402
 from service.attacks.factory import bundle_context  # noqa: E402
 from service.attacks.runner import attack_batch  # noqa: E402
@@ -51,9 +51,11 @@ def main() -> int:
     p.add_argument("--bundle", default=None)
     p.add_argument("--num-queries", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
+    add_device_arg(p)
     args = p.parse_args()
     s = get_settings()
-    b = ModelStore(s.model_store, "cpu").get(args.bundle or s.default_bundle)
+    dev = pick_device(args.device)
+    b = ModelStore(s.model_store, dev).get(args.bundle or s.default_bundle)
     q, n, bs = b.queries, args.num_queries, args.batch_size
     images, labels = q.images[:n], q.labels[:n]
     db = b.gallery.codes(b.manifest.bits), b.gallery.labels
@@ -72,15 +74,16 @@ def main() -> int:
             for start in ("generator", "clean"):
                 advs, t = [], gen.seconds if start == "generator" else 0.0
                 for i in range(0, n, bs):
-                    x = torch.from_numpy(images[i:i + bs]).float() / 255
-                    anchor = ctx.prototype_codes(torch.from_numpy(labels[i:i + bs]).float())
-                    x0 = (torch.from_numpy(gen.adversarial[i:i + bs]).float() / 255
+                    x = torch.from_numpy(images[i:i + bs]).to(dev).float() / 255
+                    anchor = ctx.prototype_codes(
+                        torch.from_numpy(labels[i:i + bs]).to(dev).float())
+                    x0 = (torch.from_numpy(gen.adversarial[i:i + bs]).to(dev).float() / 255
                           if start == "generator" else x)
                     step = eps / 2 if start == "generator" else 2.5 * eps / steps
                     t0 = time.perf_counter()
                     xa = pgd_from(b.hasher, x, x0, anchor, eps, steps, step)
                     t += time.perf_counter() - t0
-                    advs.append(to_uint8_within(xa, x, eps).numpy())
+                    advs.append(to_uint8_within(xa, x, eps).cpu().numpy())
                 rows.append({"eps": f"{eps * 255:.0f}/255", "attack": f"{start} start + PGD",
                              "steps": steps, "map_all": map_all(np.concatenate(advs)),
                              "ms": 1e3 * t / n})
@@ -88,7 +91,7 @@ def main() -> int:
     table = print_table(rows, [("eps", "eps", ""), ("attack", "attack", ""),
                                ("steps", "PGD steps", "d"), ("map_all", "mAP@all", ".4f"),
                                ("ms", "ms / image", ".3f")])
-    write_json("generator_hybrid", {"machine": machine(), "bundle": b.name, "queries": n,
+    write_json("generator_hybrid", {"machine": machine(dev), "bundle": b.name, "queries": n,
                                     "rows": rows, "table": table})
     return 0
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402, E501
 from service.attacks.base import scale_for, to_uint8_within  # noqa: E402
 from service.attacks.runner import attack_batch  # noqa: E402
 from service.config import get_settings  # noqa: E402
@@ -43,12 +43,12 @@ def own_code_loss(h, x_adv: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
 def fit_class_patterns(h, x: torch.Tensor, cls: torch.Tensor, classes: int, eps: float,
                        steps: int, batch: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    patterns = torch.zeros(classes, *x.shape[1:])
+    patterns = torch.zeros(classes, *x.shape[1:], device=x.device)
     for c in range(classes):
         xc = x[cls == c]
         if len(xc) == 0:
             continue
-        d = torch.zeros(1, *x.shape[1:])
+        d = torch.zeros(1, *x.shape[1:], device=x.device)
         for _ in range(steps):
             xb = xc[torch.randint(0, len(xc), (batch,), generator=gen)]
             with torch.no_grad():
@@ -71,22 +71,25 @@ def main() -> int:
     p.add_argument("--residual-epochs", type=int, default=4, help="0: no residual generator")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--name", default="generator_universal", help="stem of the JSON file")
+    add_device_arg(p)
     args = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     s = get_settings()
-    bundle = ModelStore(s.model_store, "cpu").get(args.bundle or s.default_bundle)
+    dev = pick_device(args.device)
+    bundle = ModelStore(s.model_store, dev).get(args.bundle or s.default_bundle)
     h = bundle.hasher.eval()
     for prm in h.parameters():
         prm.requires_grad_(False)
     if bool((bundle.gallery.labels.sum(1) != 1).any()):
         raise SystemExit("class-universal patterns need single-label data")
     x8, y = bundle.train_split(args.num_train, 0)
-    x_tr, c_tr = torch.from_numpy(x8).float() / 255, torch.from_numpy(y.argmax(1))
+    x_tr = torch.from_numpy(x8).to(dev).float() / 255
+    c_tr = torch.from_numpy(y.argmax(1)).to(dev)
     q = bundle.queries
     n = args.num_queries
-    x_q = torch.from_numpy(q.images[:n]).float() / 255
-    c_q = torch.from_numpy(q.labels[:n].argmax(1))
+    x_q = torch.from_numpy(q.images[:n]).to(dev).float() / 255
+    c_q = torch.from_numpy(q.labels[:n].argmax(1)).to(dev)
     db = bundle.gallery.codes(bundle.manifest.bits), bundle.gallery.labels
     classes = y.shape[1]
 
@@ -96,7 +99,7 @@ def main() -> int:
             for i in range(0, n, 100):
                 x = x_q[i:i + 100]
                 advs.append(to_uint8_within((x + perturb(x, c_q[i:i + 100])).clamp(0, 1), x,
-                                            eps).numpy())
+                                            eps).cpu().numpy())
         ms = 1000 * (time.perf_counter() - t0) / n
         codes = encode_uint8(h, np.concatenate(advs))
         return retrieval_figures(codes, q.labels[:n], *db, curves=False)["map_all"], ms
@@ -118,7 +121,8 @@ def main() -> int:
                      "ms_per_image": ms, "fit_s": fit_s})
         print(rows[-1], flush=True)
         if args.residual_epochs:
-            gen = PerturbationGenerator(x_tr.shape[1], width=16, blocks=6, cond_channels=0)
+            gen = PerturbationGenerator(x_tr.shape[1], width=16, blocks=6,
+                                        cond_channels=0).to(dev)
             opt = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
 
             def perturb(x, c, gen=gen, pats=pats, eps=eps):
@@ -146,7 +150,7 @@ def main() -> int:
                                ("map_all", "mAP@all", ".4f"), ("ms_per_image", "ms/image", ".3f"),
                                ("fit_s", "fit s", ".0f")])
     write_json(args.name, {
-        "machine": machine(), "bundle": bundle.name, "num_train": args.num_train,
+        "machine": machine(dev), "bundle": bundle.name, "num_train": args.num_train,
         "queries": n, "steps_per_class": args.steps, "residual_epochs": args.residual_epochs,
         "rows": rows, "table": table, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, print_table, write_json  # noqa: E402
+from benchmarks.common import add_device_arg, machine, pick_device, print_table, write_json  # noqa: E402, E501
 from service.attacks.runner import attack_batch  # noqa: E402
 from service.nets.hasher import encode_uint8  # noqa: E402
 from service.parsing import parse_eps  # noqa: E402
@@ -67,10 +67,12 @@ def main() -> int:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--prepare", action="store_true", help="train what is missing first")
     p.add_argument("--out", type=Path, default=None)
+    add_device_arg(p)
     args = p.parse_args()
     if args.prepare:
         prepare(args.store, args.surrogate)
-    models = ModelStore(args.store, "cpu")
+    dev = pick_device(args.device)
+    models = ModelStore(args.store, dev)
     sur = models.get(args.surrogate)
     names = args.targets or models.names()
     targets = {n: models.get(n) for n in names}
@@ -94,7 +96,7 @@ def main() -> int:
             print(row, flush=True)
     cols = [("row", "surrogate / attack / eps", "")] + [(n, n, ".4f") for n in targets]
     table = print_table(rows, cols)
-    write_json("transfer", {"machine": machine(), "surrogate": args.surrogate,
+    write_json("transfer", {"machine": machine(dev), "surrogate": args.surrogate,
                             "targets": {n: {"bits": b.manifest.bits, "loss": b.manifest.hasher[
                                 "family"], "arch": b.manifest.hasher["arch"],
                                 "kwargs": b.manifest.hasher.get("arch_kwargs")}
