@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import posixpath
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -96,3 +97,23 @@ def label_vector(values: str | Iterable[str], class_names: Sequence[str],
         raise AttackInputError(f"{field}: give at least one label (index or class name)",
                                field=field)
     return vec
+
+
+def archive_member_path(entry: str) -> str | None:
+    """The archive member a list entry names (``\\`` read as ``/``, normalised), or None when
+    the entry is absolute or climbs out of the archive."""
+    path = entry.replace("\\", "/")
+    norm = posixpath.normpath(path)
+    if path.startswith("/") or norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def missing_members_message(list_name: str, missing: Sequence[tuple[int, str]],
+                            shown: Sequence[str]) -> str:
+    """One line for list entries whose files are not in the archive: how many, the first few
+    (``shown``: already formatted for display) by line, and how many more."""
+    listed = "; ".join(f"line {n}: {p}" for (n, _), p in zip(missing, shown, strict=False))
+    more = len(missing) - len(shown)
+    return (f"{list_name}: {len(missing)} listed image file(s) not in the archive: {listed}"
+            + (f" (and {more} more)" if more > 0 else ""))

@@ -11,11 +11,11 @@ thumbnails and reads full images from there, as it would from the user's own dis
 
 from __future__ import annotations
 
-import posixpath
 from pathlib import Path
 
 from service.data.deephash_list import parse_list_lines
 from service.errors import BadInput, HashAuditError
+from service.parsing import archive_member_path, missing_members_message
 
 DATABASE_LIST = "database.txt"
 QUERY_LISTS = ("test.txt", "query.txt")
@@ -39,9 +39,8 @@ def _entries(files: dict[str, bytes], list_name: str, field: str) -> tuple[list[
     try:
         for line_no, entry, values in parse_list_lines(text.split("\n"), list_name):
             columns = len(values)
-            path = entry.replace("\\", "/")
-            norm = posixpath.normpath(path)
-            if path.startswith("/") or norm == ".." or norm.startswith("../"):
+            norm = archive_member_path(entry)
+            if norm is None:
                 raise _bad(field, f"{list_name}, line {line_no}: image path {entry[:80]!r} is "
                                   "absolute or climbs out of the archive")
             if norm not in files:
@@ -54,10 +53,8 @@ def _entries(files: dict[str, bytes], list_name: str, field: str) -> tuple[list[
     if not paths:
         raise _bad(field, f"{list_name}: the list holds no entries")
     if missing:
-        shown = "; ".join(f"line {n}: {p[:80]!r}" for n, p in missing[:_SHOWN])
-        more = len(missing) - _SHOWN
-        raise _bad(field, f"{list_name}: {len(missing)} listed image file(s) not in the "
-                          f"archive: {shown}" + (f" (and {more} more)" if more > 0 else ""))
+        raise _bad(field, missing_members_message(
+            list_name, missing, [repr(p[:80]) for _, p in missing[:_SHOWN]]))
     return paths, columns
 
 

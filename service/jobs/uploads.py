@@ -37,6 +37,7 @@ import numpy as np
 from service.data.deephash_list import parse_list_lines
 from service.errors import BadInput, HashAuditError, PayloadTooLarge, UnknownName
 from service.jobs.audit_store import AuditStore
+from service.parsing import archive_member_path, missing_members_message
 
 UPLOAD_TTL = 7 * 24 * 3600
 LIST_NAMES = ("labels.txt", "list.txt", "queries.txt")
@@ -378,9 +379,8 @@ def parse_query_archive(src: bytes | IO[bytes], class_names: list[str],
             if len(names) >= limits.queries:
                 raise _too_large(field, f"{list_name} lists more than {limits.queries} images",
                                  limits.queries, "HASHAUDIT_MAX_AUDIT_QUERIES")
-            path = entry.replace("\\", "/")
-            norm = posixpath.normpath(path)
-            if path.startswith("/") or norm == ".." or norm.startswith("../"):
+            norm = archive_member_path(entry)
+            if norm is None:
                 raise _bad(field, f"{where}: image path {_show(entry)} is absolute or climbs "
                                   "out of the archive")
             if norm not in files:
@@ -394,10 +394,8 @@ def parse_query_archive(src: bytes | IO[bytes], class_names: list[str],
     if not names:
         raise _bad(field, f"{list_name}: the list holds no entries")
     if missing:
-        shown = "; ".join(f"line {n}: {_show(p, 80)}" for n, p in missing[:_MISSING_SHOWN])
-        more = len(missing) - _MISSING_SHOWN
-        raise _bad(field, f"{list_name}: {len(missing)} listed image file(s) not in the "
-                          f"archive: {shown}" + (f" (and {more} more)" if more > 0 else ""))
+        raise _bad(field, missing_members_message(
+            list_name, missing, [_show(p, 80) for _, p in missing[:_MISSING_SHOWN]]))
     return names, np.asarray(rows, np.uint8), [files[n] for n in names]
 
 
