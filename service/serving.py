@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from service.attacks import ATTACKS
-from service.attacks.factory import bundle_context
+from service.attacks.factory import attack_for_bundle, bundle_context
 from service.attacks.generator_attack import GeneratorAttack
 from service.attacks.runner import attack_batch
 from service.errors import (
@@ -90,6 +90,9 @@ class Query:
     received_at: float = field(default_factory=time.perf_counter)
 
 
+ATTACK_CACHE = 16  # attacks a BundleService keeps built, least recently used dropped
+
+
 class BundleService:
     """A loaded bundle ready to serve: method/eps checks, batched attack + search, thumbnails.
 
@@ -118,6 +121,8 @@ class BundleService:
         self._thumb_cache = thumb_cache
         self._thumb_lock = threading.Lock()
         self._proto_cache: dict[bytes, np.ndarray] = {}
+        # attacks built for (method, eps), kept for the next batch (a few: eps is the client's)
+        self._attacks: OrderedDict[tuple[str, float], Any] = OrderedDict()
         # per-bundle parts of every answer, built once instead of per request
         self._model = {"name": m.name, "version": m.version, "sha": bundle.sha}
         self._hit_labels: dict[int, list[str]] = {}  # gallery index -> label names
@@ -262,6 +267,18 @@ class BundleService:
             })
         return out
 
+    def _attack(self, method: str, eps: float) -> Any:
+        """The attack for ``method`` at ``eps``, built on first use; the last
+        ``ATTACK_CACHE`` built are kept (generators move to their memory format once)."""
+        key = (method, eps)
+        atk = self._attacks.pop(key, None)
+        if atk is None:
+            atk = attack_for_bundle(self.bundle, method, eps, seed=self.seed)
+        self._attacks[key] = atk
+        while len(self._attacks) > ATTACK_CACHE:
+            self._attacks.popitem(last=False)
+        return atk
+
     def attack(self, method: str, eps: float, queries: list[Query]) -> list[dict[str, Any]]:
         """Attack, re-hash, search before/after and build one answer per query."""
         images = np.stack([q.image for q in queries])
@@ -271,7 +288,8 @@ class BundleService:
         targeted = ATTACKS.get(method).targeted
         target = np.stack([q.target for q in queries]) if targeted else None
         t0 = time.perf_counter()
-        res = attack_batch(self.bundle, method, eps, images, labels, target, seed=self.seed)
+        res = attack_batch(self.bundle, method, eps, images, labels, target, seed=self.seed,
+                           attack=self._attack(method, eps))
         t1 = time.perf_counter()
         k = max(q.top_k for q in queries)
         both = np.concatenate([res.clean_codes, res.adv_codes])

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.attacks.base import to_uint8_within
+from service.attacks.base import Attack, to_uint8_within
 from service.attacks.factory import attack_for_bundle
 from service.nets.hasher import encode_uint8
 from service.retrieval.codes import codes_to_hex
@@ -40,14 +40,16 @@ class AttackResult:
 def attack_batch(
     bundle: Any, method: str, eps: float, images: np.ndarray,
     labels: np.ndarray | None = None, target: np.ndarray | None = None, seed: int = 0,
-    batch_size: int = 256, **options: Any,
+    batch_size: int = 256, attack: Attack | None = None, **options: Any,
 ) -> AttackResult:
     """Attack uint8 images (B, C, H, W) already at the bundle's input size.
 
     The output is rounded to uint8 within eps of the input (what a user receives as PNG),
-    and the codes are computed on those rounded images.
+    and the codes are computed on those rounded images. ``attack``: an attack already built
+    for this bundle, method, eps and seed (the server keeps a few); built here when None.
     """
-    attack = attack_for_bundle(bundle, method, eps, seed=seed, **options)
+    if attack is None:
+        attack = attack_for_bundle(bundle, method, eps, seed=seed, **options)
     dev = bundle.device
     advs, t_attack = [], 0.0
     for i in range(0, len(images), batch_size):

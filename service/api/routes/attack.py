@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import get_state, require_api_key, service_for
+from service.api.forms import FastFormRoute
 from service.api.responses import JSON
 from service.api.schemas import ERRORS, AttackResponse, EncodeResponse
 from service.api.state import AppState
@@ -16,7 +17,8 @@ from service.errors import BadInput
 from service.images import decode_upload
 from service.serving import BundleService, Query
 
-router = APIRouter(tags=["attack"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["attack"], dependencies=[Depends(require_api_key)],
+                   route_class=FastFormRoute)
 
 ImageField = Annotated[UploadFile, File(description="PNG or JPEG (checked by content)")]
 ModelField = Annotated[str | None, Form(
