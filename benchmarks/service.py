@@ -199,6 +199,8 @@ def main() -> int:
                    help="server worker processes (hashaudit serve --workers)")
     p.add_argument("--port", type=int, default=8790, help="port of the server started here")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-in-process", dest="in_process", action="store_false",
+                   help="skip the in-process comparison (it does not change with --workers)")
     add_device_arg(p)
     add_precision_arg(p)
     args = p.parse_args()
@@ -258,24 +260,27 @@ def main() -> int:
                 # also the full max batch, the best the pipeline does in-process
                 same = max(1, round(r["mean_batch"] or 1))
                 full = min(c, args.max_batch)
-                t_ip = min(args.seconds, 6.0)
-                ip_same = in_process(svc, pngs, q.labels[:n], kind, method, 8 / 255, same,
-                                     t_ip)["throughput"]
-                ip_full = (ip_same if full == same else in_process(
-                    svc, pngs, q.labels[:n], kind, method, 8 / 255, full, t_ip)["throughput"])
                 row = {"endpoint": f"/{kind}", "method": method or "-", **r,
-                       "in_process_same": ip_same, "same_batch": same,
-                       "in_process_full": ip_full, "full_batch": full,
-                       "ratio_same": r["throughput"] / ip_same,
-                       "ratio_full": r["throughput"] / ip_full}
+                       "same_batch": same, "full_batch": full}
+                if args.in_process:
+                    t_ip = min(args.seconds, 6.0)
+                    ip_same = in_process(svc, pngs, q.labels[:n], kind, method, 8 / 255, same,
+                                         t_ip)["throughput"]
+                    ip_full = (ip_same if full == same else in_process(
+                        svc, pngs, q.labels[:n], kind, method, 8 / 255, full, t_ip)["throughput"])
+                    row.update(in_process_same=ip_same, in_process_full=ip_full,
+                               ratio_same=r["throughput"] / ip_same,
+                               ratio_full=r["throughput"] / ip_full)
                 rows.append(row)
                 cpu = r.get("server_cpu_ms_per_request")
-                print(f"{row['endpoint']} {row['method']} c={c}: {r['throughput']:.1f} req/s, "
-                      f"server CPU {cpu if cpu is None else round(cpu, 2)} ms/request, "
-                      f"load average {r['load_avg_before']} -> {r['load_avg_after']}, "
-                      f"in-process {ip_same:.1f} img/s at batch {same} (ratio "
-                      f"{row['ratio_same']:.2f}), {ip_full:.1f} at batch {full} (ratio "
-                      f"{row['ratio_full']:.2f})", flush=True)
+                line = (f"{row['endpoint']} {row['method']} c={c}: {r['throughput']:.1f} req/s, "
+                        f"server CPU {cpu if cpu is None else round(cpu, 2)} ms/request, "
+                        f"load average {r['load_avg_before']} -> {r['load_avg_after']}")
+                if args.in_process:
+                    line += (f", in-process {ip_same:.1f} img/s at batch {same} (ratio "
+                             f"{row['ratio_same']:.2f}), {ip_full:.1f} at batch {full} (ratio "
+                             f"{row['ratio_full']:.2f})")
+                print(line, flush=True)
     finally:
         if server is not None:
             server.terminate()

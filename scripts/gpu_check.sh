@@ -13,7 +13,12 @@
 #      generator at the paper's shapes, then generator vs PGD-20 / DHTA-20 at 8/255 and 16/255
 #      in fp32 and bf16: one table, and JSON under $OUT (default benchmarks/results/gpu_check;
 #      the scenes and bundles go to $WORK, default /tmp/hashaudit-gpu-check);
-#   3. runs `pytest -m gpu` (GPU_CHECK_PYTEST=0 skips it).
+#   3. runs `pytest -m gpu` over tests/.
+# Stages (STAGES="hag service paper pytest" by default; name a subset to run only those):
+#   hag      scripts/hag_device_check.py: the HAG attack on CPU and CUDA, batch sizes, TF32;
+#   service  benchmarks/service.py on CUDA with 1, 4 and 16 server processes (Redis needed:
+#            from PATH, or unpacked from ./.gpu_debs);
+#   paper    step 2 above; pytest  step 3.
 # The scenes' Fashion-MNIST items come from the IDX files when installed, else from the
 # shipped default bundle (its 20,000 train and 1,000 test images), so nothing else is needed.
 # CPU mode runs the same benchmark at 64 px with small counts (what the test suite runs).
@@ -55,19 +60,68 @@ if [ "$MODE" = "cpu" ]; then
   exit $status
 fi
 
+# GPU mode: the stages named in $STAGES, in this order (default: all of them)
+STAGES="${STAGES:-hag service paper pytest}"
+has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 t0=$(date +%s)
-"$PY" benchmarks/paper_scale.py --device cuda --size 224 --database 20000 --train 10000 \
-  --query 1000 --arch resnet50 --bits 64 --loss hashnet --epochs "${EPOCHS:-10}" \
-  --batch-size 128 --lr 1e-3 --gen-epochs "${GEN_EPOCHS:-2}" --gen-batch-size 64 \
-  --gen-width 64 --steps 20 --attack-batch 250 --eps 8/255 16/255 --precision fp32 bf16 \
-  --train-precision bf16 --workers 16 --out "$WORK/gpu" --json "$DEST/paper_scale.json" \
-  2>&1 | tee "$DEST/paper_scale.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-echo "paper scale: $(( $(date +%s) - t0 )) s"
 
-if [ "${GPU_CHECK_PYTEST:-1}" != "0" ]; then
+if has hag && [ -f scripts/hag_device_check.py ]; then
   t1=$(date +%s)
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$DEST/pytest_gpu.txt"
+  "$PY" scripts/hag_device_check.py "$DEST/hag_device.json" 2>&1 | tee "$DEST/hag_device.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "hag device check: $(( $(date +%s) - t1 )) s"
+fi
+
+if has service; then
+  # benchmarks/service.py on CUDA at 1, 4 and 16 server processes (several processes need
+  # Redis: a local redis-server from PATH, or one unpacked from ./.gpu_debs, see README)
+  t1=$(date +%s)
+  export HASHAUDIT_REDIS_URL="${HASHAUDIT_REDIS_URL:-redis://127.0.0.1:6379/0}"
+  if ! "$PY" -c "import redis,sys; redis.Redis.from_url(sys.argv[1]).ping()" \
+      "$HASHAUDIT_REDIS_URL" 2>/dev/null; then
+    REDIS_BIN="$(command -v redis-server || true)"
+    if [ -z "$REDIS_BIN" ] && ls .gpu_debs/*.deb >/dev/null 2>&1; then
+      for f in .gpu_debs/*.deb; do dpkg -x "$f" "$WORK/redis-root"; done
+      ln -sf redis-check-rdb "$WORK/redis-root/usr/bin/redis-server"
+      REDIS_BIN="$WORK/redis-root/usr/bin/redis-server"
+      export LD_LIBRARY_PATH="$WORK/redis-root/usr/lib/x86_64-linux-gnu:$WORK/redis-root/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+    if [ -n "$REDIS_BIN" ]; then
+      "$REDIS_BIN" --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+        > "$DEST/redis.txt" 2>&1 || echo "redis-server did not start" >&2
+      sleep 1
+    fi
+    unset LD_LIBRARY_PATH
+  fi
+  "$PY" benchmarks/service.py --device cuda --workers 1 --clients 1 32 64 \
+    --methods untargeted_gan pgd --max-batch 64 --seconds "${SERVICE_SECONDS:-5}" --warmup 1 \
+    --port 8790 --out "$DEST/service_w1.json" 2>&1 | tail -n 12 | tee "$DEST/service_w1.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for w in 4 16; do
+    "$PY" benchmarks/service.py --device cuda --workers "$w" --clients 64 256 \
+      --methods untargeted_gan --max-batch 64 --seconds "${SERVICE_SECONDS:-5}" --warmup 1 \
+      --no-in-process --port $((8790 + w)) --out "$DEST/service_w$w.json" 2>&1 \
+      | tail -n 8 | tee "$DEST/service_w$w.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+  echo "service benchmark: $(( $(date +%s) - t1 )) s"
+fi
+
+if has paper; then
+  t1=$(date +%s)
+  "$PY" benchmarks/paper_scale.py --device cuda --size 224 --database 20000 --train 10000 \
+    --query 1000 --arch resnet50 --bits 64 --loss hashnet --epochs "${EPOCHS:-10}" \
+    --batch-size 128 --lr 1e-3 --gen-epochs "${GEN_EPOCHS:-2}" --gen-batch-size 64 \
+    --gen-width 64 --steps 20 --attack-batch 250 --eps 8/255 16/255 --precision fp32 bf16 \
+    --train-precision bf16 --workers 16 --out "$WORK/gpu" --json "$DEST/paper_scale.json" \
+    2>&1 | tee "$DEST/paper_scale.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "paper scale: $(( $(date +%s) - t1 )) s"
+fi
+
+if has pytest; then
+  t1=$(date +%s)
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$DEST/pytest_gpu.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   echo "pytest -m gpu: $(( $(date +%s) - t1 )) s"
 fi
