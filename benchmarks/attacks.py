@@ -4,7 +4,9 @@ For each (method, eps): mAP@all and mAP@1000 after attack (images rounded to uin
 receives them), drop in %, mean Hamming distance moved from the clean code, RMSE (the
 UntargetedGAN paper's perceptibility, eq. 7), true L-inf, PSNR, and time per image (same
 batch size, same threads, same run). Prints a table in the style of the paper's Tables 5 and
-7, writes JSON and a PNG with top-N precision and PR curves.
+7, writes JSON, a PNG with top-N precision and PR curves, and the strength-vs-time frontier
+(attacked mAP@all against ms/image on a log scale, every method, with PGD-k for k in
+``--frontier-steps`` as the reference curve; :func:`service.jobs.audit_types.html.frontier_plot`).
 
     python benchmarks/attacks.py [--bundle fmnist-dpsh-32] [--eps 4/255 8/255 16/255 0.1]
 """
@@ -12,6 +14,7 @@ batch size, same threads, same run). Prints a table in the style of the paper's 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import sys
 import time
@@ -37,6 +40,7 @@ from service.attacks.runner import attack_batch  # noqa: E402
 from service.config import get_settings  # noqa: E402
 from service.errors import AttackInputError  # noqa: E402
 from service.evaluation import protocol_record, retrieval_figures  # noqa: E402
+from service.jobs.audit_types.html import frontier_plot, frontier_points  # noqa: E402
 from service.nets.hasher import encode_uint8  # noqa: E402
 from service.parsing import parse_eps  # noqa: E402
 from service.store import ModelStore  # noqa: E402
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-queries", type=int, default=None, help="default: all of the bundle's")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--steps", type=int, default=20, help="iterations of iterative methods")
+    p.add_argument("--frontier-steps", type=int, nargs="*", default=[1, 2, 5, 10, 20, 50],
+                   help="PGD step counts of the reference curve (empty: none)")
     p.add_argument("--out", type=Path, default=None)
     add_device_arg(p)
     add_precision_arg(p)
@@ -108,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{bundle.manifest.bits} bits, clean mAP@all {clean['map_all']:.4f}, "
           f"{device} {precision}, torch threads {torch.get_num_threads()}", flush=True)
     rows = []
+    runs = [(m, args.steps if ATTACKS.get(m).iterative else None, False) for m in methods]
+    runs += [("pgd", k, True) for k in args.frontier_steps
+             if not (k == args.steps and "pgd" in methods)]
     for eps in args.eps:
-        for method in methods:
-            cls = ATTACKS.get(method)
-            opts = {"steps": args.steps} if cls.iterative else {}
+        for method, steps, reference in runs:
+            opts = {"steps": steps} if steps is not None else {}
             try:
                 res = attack_batch(bundle, method, eps, images, labels, seed=0,
                                    batch_size=args.batch_size, **opts)
@@ -121,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             fig = retrieval_figures(res.adv_codes, labels, db_codes, db_labels)
             row = {
-                "method": method + (f"-{args.steps}" if cls.iterative else ""), "eps": eps,
+                "method": method + (f"-{steps}" if steps is not None and method != "worst_case"
+                                    else ""), "eps": eps,
+                "base_method": method, "steps": steps, "reference_only": reference,
                 "eps_255": eps * 255, "map_all": fig["map_all"], "map_1000": fig["map_1000"],
                 "drop_pct": 100 * (1 - fig["map_all"] / clean["map_all"]),
                 "hamming": float(res.hamming.mean()), **perceptibility(res.adversarial, images),
@@ -129,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 "curves": {"top_n": fig["top_n"], "pr_curve": fig["pr_curve"]},
             }
             assert row["linf"] <= eps + 1e-9, (method, row["linf"], eps)
+            if method == "worst_case":
+                row["used"] = res.extra.get("used", [])
             rows.append(row)
             print(f"eps {eps * 255:5.1f}/255 {row['method']:<22} mAP@all {row['map_all']:.4f} "
                   f"ham {row['hamming']:5.2f} {row['ms_per_image']:8.3f} ms/img", flush=True)
@@ -142,10 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         ("ms_per_image", "ms/image", ".3f")])
     plots = []
     for eps in args.eps:
-        path = RESULTS / f"attacks_curves_eps{eps * 255:.0f}.png"
+        path = (RESULTS if args.out is None else args.out.parent) / \
+            f"attacks_curves_eps{eps * 255:.0f}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        plot_curves(clean, ok, eps, path)
+        plot_curves(clean, [r for r in ok if not r["reference_only"]], eps, path)
         plots.append(str(path))
+    frontier = (RESULTS / "attacks_frontier.png" if args.out is None
+                else args.out.with_name(args.out.stem + "_frontier.png"))
+    frontier.write_bytes(base64.b64decode(frontier_plot(
+        frontier_points(ok), clean["map_all"], f"{bundle.name}, {n} queries, {device}")))
+    plots.append(str(frontier))
     write_json("attacks", {
         "machine": machine(device, precision), "bundle": bundle.name, "sha": bundle.sha,
         "protocol": protocol_record(), "queries": n, "clean": clean, "rows": rows,

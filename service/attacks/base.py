@@ -168,6 +168,18 @@ class Attack(abc.ABC):
         return project(x_adv.detach(), x, self.eps)
 
 
+MAX_RESTARTS = 20
+
+
+def check_restarts(restarts: Any) -> int:
+    """``restarts`` as an int in 1..:data:`MAX_RESTARTS`; an AttackInputError naming it else."""
+    if isinstance(restarts, bool) or not isinstance(restarts, int) \
+            or not 1 <= restarts <= MAX_RESTARTS:
+        raise AttackInputError(f"restarts must be an integer in 1..{MAX_RESTARTS}, got "
+                               f"{restarts!r}", field="restarts")
+    return restarts
+
+
 def scale_for(u: torch.Tensor) -> torch.Tensor:
     """Per-sample temperature 1/mean|u| so that tanh(scale*u) is not saturated.
 

@@ -34,4 +34,7 @@ def attack_for_bundle(bundle: Any, method: str, eps: float, seed: int = 0,
         kw["parts"] = bundle.generator_parts(method, eps)
     if cls.needs_context or cls.needs_labels:
         kw.setdefault("context", bundle_context(bundle))
+    hook = getattr(cls, "bundle_kwargs", None)  # attacks built from other attacks
+    if hook is not None:
+        kw.update(hook(bundle, eps, seed, options))
     return cls(bundle.hasher, eps, seed=seed, **kw)

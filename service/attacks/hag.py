@@ -4,6 +4,14 @@ Maximises the Hamming distance to the clean code through a masked tanh-code obje
 bits that have not flipped yet contribute, so the budget goes to the bits still to move instead
 of pushing flipped bits further. Optimised with Adam on the perturbation and projected onto
 the eps ball after every step.
+
+The hasher sees ``x + delta`` itself, never ``(x + delta).clamp(0, 1)``: the projection after
+every step already keeps it in [0, 1], and a clamp in the forward pass makes the result depend
+on the torch version. torch 2.14 gives ``clamp`` a zero gradient *at* its bounds (2.11 passes
+it through), so every pixel sitting exactly on 0 or 1 (half of a Fashion-MNIST image is
+background at 0) got no gradient, Adam never moved it, and the same attack reached mAP@all
+0.60 on a torch-2.14 CPU against 0.37 on a torch-2.11 GPU at 8/255 (issue 20;
+``scripts/hag_device_check.py`` measures both).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ class HAG(Attack):
         delta = torch.zeros_like(x, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.lr)
         for _ in range(self.steps):
-            u = self.hasher((x + delta).clamp(0, 1))
+            u = self.hasher(x + delta)  # in [0, 1] already: see the module docstring
             mask = (b * u > 0).float().detach()  # bits still agreeing with the clean code
             loss = (mask * b * torch.tanh(scale * u)).sum(dim=1).mean()
             opt.zero_grad()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ class AttackResult:
     hamming: np.ndarray  # (B,) distance clean code -> adversarial code
     linf: np.ndarray  # (B,) true per-image L-inf in [0, 1] units after uint8 rounding
     seconds: float  # wall time of the attack itself (excludes hashing the outputs)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. worst_case: members used
 
     def to_json(self) -> list[dict[str, Any]]:
         return [
@@ -70,4 +71,5 @@ def attack_batch(
     clean_c, adv_c = both[:len(images)], both[len(images):]
     ham = (clean_c != adv_c).sum(1)
     linf = np.abs(adv.astype(np.int16) - images.astype(np.int16)).reshape(len(adv), -1).max(1)
-    return AttackResult(method, eps, adv, clean_c, adv_c, ham, linf / 255.0, t_attack)
+    extra = {"used": attack.used()} if hasattr(attack, "used") else {}
+    return AttackResult(method, eps, adv, clean_c, adv_c, ham, linf / 255.0, t_attack, extra)

@@ -343,6 +343,7 @@ def test_bad_uploads_are_422(stack, tiny_bundle, tmp_path, case):
     ({"methods": ["pgd"], "chunk_size": 0}, "chunk_size"),
     ({"methods": ["pgd"], "colour": "red"}, "colour"),
     ({"methods": ["pgd"], "transfer_to": ["nope"]}, "transfer_to"),
+    ({"methods": ["pgd"], "frontier": "maybe"}, "frontier"),
     ({"type": "poison"}, "type"),
     ({"type": "backdoor"}, "backdoor"),
     ({"type": "backdoor", "backdoor": {"target": "Spaceship"}}, "backdoor.target"),

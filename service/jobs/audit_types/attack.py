@@ -64,6 +64,21 @@ def parse_chunk(key: str) -> tuple[str, int, int]:
     return method, int(e), int(c)
 
 
+# PGD-k, the reference curve of the strength-vs-time frontier (``frontier: true``).
+FRONTIER_STEPS = (1, 2, 5, 10, 20, 50)
+
+
+def reference_method(name: str) -> tuple[str, int | None]:
+    """``("pgd", k)`` for a reference run ``pgd@k``; ``(name, None)`` for an audited method."""
+    method, _, steps = name.partition("@")
+    return method, (int(steps) if steps else None)
+
+
+def reference_names(spec: dict[str, Any]) -> list[str]:
+    """The PGD-k runs an audit with ``frontier: true`` adds (empty otherwise)."""
+    return [f"pgd@{k}" for k in FRONTIER_STEPS] if spec.get("frontier") else []
+
+
 class AttackAudit(AuditType):
     name = "attack"
     title = "Robustness audit"
@@ -83,6 +98,10 @@ class AttackAudit(AuditType):
                                   description="queries per chunk job")),
         "batch_size": (int | None, Field(None, ge=1, le=BATCH_MAX,
                                          description="images per forward pass")),
+        "frontier": (bool, Field(
+            False, description="also run PGD-k for k in 1, 2, 5, 10, 20, 50 (the reference "
+            "curve of the report's strength-vs-time plot; 88 extra PGD steps per query and "
+            "eps)")),
         "transfer_to": (list[str], Field(
             default_factory=list, max_length=16,
             description="other served bundles (same classes and input) to evaluate the "
@@ -167,13 +186,16 @@ class AttackAudit(AuditType):
                 raise AttackInputError(f"methods: {m} needs at least two classes",
                                        field="methods")
         transfer = self._transfer_targets(svc, raw.get("transfer_to") or [], inputs.lookup)
+        frontier = raw.get("frontier", False)
+        if not isinstance(frontier, bool):
+            raise BadInput("frontier: true or false", field="frontier")
         m = svc.bundle.manifest
         return {
             "model": m.name, "bundle_version": m.version, "bundle_sha": svc.bundle.sha,
             "methods": seen, "eps": eps, "queries": queries,
             "top_k": None if top_k is None else int(top_k), "seed": seed,
             "chunk_size": chunk, "batch_size": batch, "examples": EXAMPLES,
-            "transfer_to": transfer,
+            "transfer_to": transfer, "frontier": frontier,
         }
 
     @staticmethod
@@ -200,8 +222,8 @@ class AttackAudit(AuditType):
     def chunk_keys(self, spec: dict[str, Any]) -> list[str]:
         """``method|eps_index|chunk_index`` for every method, eps and slice of queries."""
         n = n_query_chunks(spec)
-        return [f"{m}|{e}|{c}" for m in spec["methods"] for e in range(len(spec["eps"]))
-                for c in range(n)]
+        return [f"{m}|{e}|{c}" for m in [*spec["methods"], *reference_names(spec)]
+                for e in range(len(spec["eps"])) for c in range(n)]
 
     # ---- progress
 
@@ -211,7 +233,7 @@ class AttackAudit(AuditType):
         per_method = {}
         cs, total_q = spec["chunk_size"], spec["queries"]["count"]
         n_chunks_per = n_query_chunks(spec)
-        for m in spec["methods"]:
+        for m in [*spec["methods"], *reference_names(spec)]:
             finished = [parse_chunk(c) for c in done if c.startswith(m + "|")]
             imgs = sum(min(cs, total_q - c * cs) for _, _, c in finished)
             per_method[m] = {"done_images": imgs, "total_images": total_q * len(spec["eps"]),
@@ -254,10 +276,12 @@ class AttackAudit(AuditType):
         q_labels = first["labels"]
         clean = unpack_bits(first["clean_codes"], bits)
         clean_fig = audit_figures(clean, q_labels, db_codes, db_labels, top_k)
-        attacks = []
+        attacks: list[dict[str, Any]] = []
+        reference: list[dict[str, Any]] = []
         examples = []
-        for method in spec["methods"]:
-            targeted = ATTACKS.get(method).targeted
+        for method in [*spec["methods"], *reference_names(spec)]:
+            base, steps = reference_method(method)
+            targeted = ATTACKS.get(base).targeted
             for ei, eps in enumerate(spec["eps"]):
                 arr, metas = gather(method, ei)
                 adv = unpack_bits(arr["adv_codes"], bits)
@@ -287,6 +311,17 @@ class AttackAudit(AuditType):
                                                       db_codes, arr["target"], db_labels, top_k)
                     row.update(_t_map_ceilings(bundle, arr["target"], db_codes, db_labels,
                                                top_k))
+                if steps is not None:  # a PGD-k point of the frontier's reference curve
+                    reference.append({**{k: row[k] for k in (
+                        "method", "eps", "eps_levels", "map_k", "map_all", "mean_hamming",
+                        "ms_per_image", "seconds")}, "base_method": base, "steps": steps})
+                    continue
+                used: dict[str, int] = {}
+                for meta in metas:
+                    for member, won in meta.get("used", {}).items():
+                        used[member] = used.get(member, 0) + int(won)
+                if used:  # worst_case: which member won how many queries
+                    row["used"] = [{"member": k, "won": v} for k, v in used.items()]
                 if spec.get("transfer_to"):
                     row["transfer"] = _transfer_rows(ctx, spec, arr, top_k)
                 attacks.append(row)
@@ -307,7 +342,7 @@ class AttackAudit(AuditType):
             "bundle_query_split": int(len(bundle.queries)),
             "bundle_recorded": {k: recorded.get(k) for k in ("map_all", "map_1000", "p_r2",
                                                             "num_queries")},
-            "attacks": attacks, "examples": examples,
+            "attacks": attacks, "reference": reference, "examples": examples,
         }
 
     def report_body(self, audit_id: str, result: dict[str, Any], json_href: str) -> str:
@@ -336,6 +371,9 @@ class AttackAudit(AuditType):
                        help="images per forward pass (default: chunk size, at most 100)")
         r.add_argument("--transfer-to", nargs="+", default=[],
                        help="other bundles to evaluate the adversarial queries on (transfer)")
+        r.add_argument("--frontier", action="store_true",
+                       help="also run PGD-k (k = 1, 2, 5, 10, 20, 50): the reference curve of "
+                            "the report's strength-vs-time plot")
 
     def cli_request(self, args: argparse.Namespace) -> dict[str, Any]:
         from service.parsing import eps_value
@@ -343,10 +381,12 @@ class AttackAudit(AuditType):
         return {"methods": args.methods, "eps": [eps_value(e) for e in args.eps],
                 "queries": {"count": args.count, "seed": args.seed}, "top_k": args.top_k,
                 "seed": args.seed, "chunk_size": args.chunk_size,
+                "frontier": bool(getattr(args, "frontier", False)),
                 "batch_size": args.batch_size, "transfer_to": args.transfer_to}
 
     def cli_total(self, spec: dict[str, Any]) -> tuple[int, str]:
-        return spec["queries"]["count"] * len(spec["methods"]) * len(spec["eps"]), "img"
+        runs = len(spec["methods"]) + len(reference_names(spec))
+        return spec["queries"]["count"] * runs * len(spec["eps"]), "img"
 
     def cli_summary(self, result: dict[str, Any]) -> list[str]:
         lines = [f"clean mAP@{result['protocol']['map_k']}: {result['clean']['map_k']:.4f}"]

@@ -16,7 +16,7 @@ from service.attacks.runner import attack_batch
 from service.errors import BadImage, BundleError, HashAuditError
 from service.images import decode_upload, rmse_per_image
 from service.jobs.audit_store import pack_arrays
-from service.jobs.audit_types.attack import parse_chunk
+from service.jobs.audit_types.attack import parse_chunk, reference_method
 from service.jobs.audit_types.base import Cancelled, check_bundle
 from service.jobs.context import JobContext
 from service.nets.hasher import encode_uint8
@@ -73,7 +73,9 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
     """Attack one chunk of queries with one method at one eps; checks for cancel between
     batches; ``progress`` (the CLI) counts images."""
     bundle = check_bundle(ctx, spec)
-    method, ei, ci = parse_chunk(chunk)
+    name, ei, ci = parse_chunk(chunk)
+    method, steps = reference_method(name)
+    options = {} if steps is None else {"steps": steps}
     eps = spec["eps"][ei]
     cs = spec["chunk_size"]
     order = query_positions(spec)
@@ -92,6 +94,7 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
         others.append(other)
     xfer: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in others]
     adv_codes, clean_codes, ham, linf, rmse, seconds = [], [], [], [], [], 0.0
+    used: dict[str, int] = {}  # worst_case: queries each member won
     examples = []
     bs = spec["batch_size"]
     for b in range(0, len(images), bs):
@@ -99,7 +102,10 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
             raise Cancelled(audit_id)
         x = images[b:b + bs]
         res = attack_batch(bundle, method, eps, x, labels[b:b + bs],
-                           None if target is None else target[b:b + bs], seed=spec["seed"])
+                           None if target is None else target[b:b + bs], seed=spec["seed"],
+                           **options)
+        for u in res.extra.get("used", []):
+            used[u["member"]] = used.get(u["member"], 0) + int(u["won"])
         adv_codes.append(res.adv_codes)
         clean_codes.append(res.clean_codes)
         ham.append(res.hamming)
@@ -131,5 +137,6 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
         arrays["example_adv"] = np.asarray(examples, np.uint8)
         arrays["example_clean"] = images[:spec["examples"]]
     return pack_arrays(arrays, {"seconds": seconds, "n": int(len(positions)), "chunk": chunk,
-                                "method": method, "eps": eps,
-                                "precision": bundle.hasher.precision})
+                                "method": name, "eps": eps,
+                                "precision": bundle.hasher.precision,
+                                **({"used": used} if used else {})})

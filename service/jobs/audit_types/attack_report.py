@@ -10,6 +10,8 @@ from service.jobs.audit_types.html import (
     axes,
     finish,
     fmt,
+    frontier_plot,
+    frontier_points,
     img,
     json_link,
     protocol_table,
@@ -68,6 +70,12 @@ def plots(result: dict[str, Any]) -> dict[str, str]:
     ax.set_xlim(0, 1)
     out["pr"] = finish(fig, ax, "recall (Hamming radius 0..K)", "precision",
                        f"PR curve by Hamming radius, eps = {eps_max * 255:.0f}/255")
+    untargeted = [a for a in result["attacks"] if not a.get("targeted")]
+    if untargeted:  # strength vs time: every method a point, PGD-k the reference curve
+        out["frontier"] = frontier_plot(
+            frontier_points(untargeted + list(result.get("reference", []))),
+            clean["map_all"], "PGD-k: audit with frontier=true" if not result.get("reference")
+            else "")
     return out
 
 
@@ -99,6 +107,14 @@ GLOSSARY = [
      "reaches white or black, so even a 1-level change is visible."),
     ("ms / image", "attack time per image on the worker, models loaded, at the audit's "
      "batch size."),
+    ("worst_case", "a fixed ensemble with nothing to tune: DHTA and PGD from the label's "
+     "centre code (two random starts each), PGD from the query's own code, HAG, and every "
+     "generator or stored pattern the bundle serves; per query it keeps the candidate whose "
+     "code retrieves worst (lowest AP over the gallery). It is the report's headline when run."),
+    ("strength vs time", "attacked mAP@all against attack time per image on a log scale: "
+     "one point per method; with frontier=true the PGD-k curve (k = 1, 2, 5, 10, 20, 50 steps) "
+     "shows what plain PGD reaches for the same time, so a point below the curve is an attack "
+     "that buys more strength per millisecond."),
 ]
 
 
@@ -109,8 +125,31 @@ def glossary() -> str:
 
 
 def worst_attack(r: dict[str, Any]) -> dict[str, Any]:
-    """The attack row with the lowest attacked mAP@all (the first one on a tie)."""
+    """The headline row: ``worst_case`` at the largest eps when the audit ran it, else the
+    attack row with the lowest attacked mAP@all (the first one on a tie)."""
+    wc = [a for a in r["attacks"] if a["method"] == "worst_case"]
+    if wc:
+        return max(wc, key=lambda a: a["eps"])
     return min(r["attacks"], key=lambda a: a["map_all"])
+
+
+def worst_case_note(r: dict[str, Any]) -> str:
+    """What the headline stands for: the worst_case ensemble and what it used, or a warning
+    that the audit did not run it."""
+    wc = [a for a in r["attacks"] if a["method"] == "worst_case"]
+    if not wc:
+        return ("<p class='meta' id='worst-case'>This audit did not run <b>worst_case</b> "
+                "(the fixed ensemble: iterative attacks with restarts, HAG and every generator "
+                "or pattern the bundle serves, strongest per query), so the worst attack "
+                "above may under-state what an attacker can do; add it to "
+                "<code>methods</code>.</p>")
+    a = max(wc, key=lambda x: x["eps"])
+    used = ", ".join(f"{html.escape(u['member'])} ({u['won']})" for u in a.get("used", []))
+    return ("<p class='meta' id='worst-case'><b>Headline: worst_case</b>, a fixed ensemble "
+            "that keeps per query the candidate with the lowest AP (in the spirit of "
+            "AutoAttack). Members (queries won at "
+            f"{a['eps_levels']}/255): {used or 'not recorded'}; "
+            f"{fmt(a['ms_per_image'], '.2f')} ms / image.</p>")
 
 
 def verdict(r: dict[str, Any]) -> str:
@@ -119,7 +158,8 @@ def verdict(r: dict[str, Any]) -> str:
     clean = r["clean"]["map_all"]
     w = worst_attack(r)
     drop = 100.0 * (clean - w["map_all"]) / clean if clean > 0 else None
-    parts = [f"Worst attack: <b>{html.escape(w['method'])} at eps {w['eps_levels']}/255</b> "
+    label = "Worst case" if w["method"] == "worst_case" else "Worst attack"
+    parts = [f"{label}: <b>{html.escape(w['method'])} at eps {w['eps_levels']}/255</b> "
              f"lowers mAP@all from {clean:.4f} to <b>{w['map_all']:.4f}</b>"
              + (f" (−{drop:.1f} %)" if drop is not None else "")
              + f"; it changed the code of {w['flipped_any_pct']:.0f} % of the queries."]
@@ -194,7 +234,7 @@ def report_body(audit_id: str, r: dict[str, Any], json_href: str) -> str:
     """Everything below the heading of a finished attack audit's page."""
     k = r["protocol"]["map_k"]
     clean = r["clean"]
-    parts = [verdict(r), json_link(json_href),
+    parts = [verdict(r), worst_case_note(r), json_link(json_href),
              provenance(audit_id, r,
                         f"{r['queries']['audited']} queries "
                         f"({html.escape(r['queries']['source'])}) vs {r['gallery_size']} "

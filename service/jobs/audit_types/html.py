@@ -117,3 +117,59 @@ def protocol_table(protocol: dict[str, Any]) -> str:
     return "<h2>Protocol</h2><table>" + "".join(
         f"<tr><th class='l'>{html.escape(str(key))}</th><td class='l'>"
         f"{html.escape(str(val))}</td></tr>" for key, val in protocol.items()) + "</table>"
+
+
+def frontier_points(rows: list[dict[str, Any]], map_key: str = "map_all") -> list[dict[str, Any]]:
+    """(method, eps, ms/image, mAP) points of attack rows for :func:`frontier_plot`.
+
+    A row whose ``base_method`` is ``pgd`` and that names its ``steps`` joins the PGD-k
+    reference curve; ``worst_case`` is marked; every other row is one point.
+    """
+    out = []
+    for r in rows:
+        if r.get("ms_per_image") is None or r.get(map_key) is None:
+            continue
+        base = r.get("base_method", r["method"])
+        kind = ("reference" if base == "pgd" and r.get("steps") is not None
+                else "worst_case" if base == "worst_case" else "method")
+        out.append({"name": r["method"], "eps": float(r["eps"]), "ms": float(r["ms_per_image"]),
+                    "map": float(r[map_key]), "kind": kind, "steps": r.get("steps")})
+    return out
+
+
+def frontier_plot(points: list[dict[str, Any]], clean_map: float, subtitle: str = "",
+                  map_label: str = "mAP@all") -> str:
+    """Attacked mAP against ms/image (log x), one panel per eps; PGD-k as the reference
+    curve, every other method a labelled point, worst_case a star. Base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps_list = sorted({p["eps"] for p in points})
+    fig, axs = plt.subplots(1, max(1, len(eps_list)), figsize=(5.2 * max(1, len(eps_list)), 4),
+                            squeeze=False)
+    for ax, eps in zip(axs[0], eps_list, strict=False):
+        pts = [p for p in points if p["eps"] == eps]
+        ref = sorted((p for p in pts if p["kind"] == "reference"), key=lambda p: p["steps"])
+        if ref:
+            ax.plot([p["ms"] for p in ref], [p["map"] for p in ref], "k-o", ms=4,
+                    label="PGD-k (reference)")
+            for p in ref:
+                ax.annotate(str(p["steps"]), (p["ms"], p["map"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        for i, p in enumerate(q for q in pts if q["kind"] != "reference"):
+            star = p["kind"] == "worst_case"
+            ax.plot([p["ms"]], [p["map"]], "*" if star else "o", ms=12 if star else 6,
+                    color="crimson" if star else f"C{i % 10}", label=p["name"])
+        ax.axhline(clean_map, color="grey", ls="--", lw=1, label="clean")
+        ax.set_xscale("log")
+        ax.set_xlabel("ms / image (log scale)")
+        ax.set_ylabel(f"attacked {map_label}")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"eps = {eps * 255:.0f}/255" + (f"\n{subtitle}" if subtitle else ""),
+                     fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return fig_png(fig)
