@@ -106,16 +106,48 @@ class PatternAttack(Attack):
 
 @register_attack("class_universal")
 class ClassUniversal(PatternAttack):
-    """One fixed pattern per class, fitted against the hasher (label-conditioned; a
-    multi-label query gets the normalised sum of its classes' patterns). Arguments and shapes
-    as :class:`PatternAttack`."""
+    """One fixed pattern per class, fitted against the hasher (label-conditioned).
+
+    Optimises nothing at inference: the pattern of the query's class was fitted once
+    (``hashaudit train patterns``) by signed-gradient descent of the agreement between the
+    relaxed adversarial code and the clean code over that class's training images. A
+    multi-label query gets the normalised sum of its classes' patterns.
+
+    Args:
+        hasher: the frozen victim. eps: L-inf budget, at most the largest fitted eps.
+        patterns: the bundle's :class:`PatternSet` (``attack_for_bundle`` loads it).
+
+    Shape:
+        x: (B, C, H, W) float in [0, 1]; labels: (B, num_classes) multi-hot.
+        Returns (B, C, H, W) float in [0, 1], within ``eps`` of ``x`` (L-inf).
+
+    Example:
+        >>> atk = attack_for_bundle(bundle, "class_universal", eps=8 / 255)
+        >>> x_adv = atk(x, labels)
+    """
 
     needs_labels = True
 
 
 @register_attack("universal")
 class Universal(PatternAttack):
-    """One fixed pattern for every image, fitted against the hasher (label-free; labels are
-    ignored). Arguments and shapes as :class:`PatternAttack`."""
+    """One fixed pattern for every image, fitted against the hasher (label-free).
+
+    Optimises nothing at inference: the pattern was fitted once (``hashaudit train
+    patterns``) by signed-gradient descent of the agreement between the relaxed adversarial
+    code and the clean code over all training images. Labels are ignored.
+
+    Args:
+        hasher: the frozen victim. eps: L-inf budget, at most the largest fitted eps.
+        patterns: the bundle's :class:`PatternSet` (``attack_for_bundle`` loads it).
+
+    Shape:
+        x: (B, C, H, W) float in [0, 1].
+        Returns (B, C, H, W) float in [0, 1], within ``eps`` of ``x`` (L-inf).
+
+    Example:
+        >>> atk = attack_for_bundle(bundle, "universal", eps=8 / 255)
+        >>> x_adv = atk(x)
+    """
 
     per_class = False

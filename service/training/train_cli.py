@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PrototypeNet training steps (when the bundle has none yet)")
     g.add_argument("--seed", type=int, default=0, help="training seed")
     g.add_argument("--base", choices=["class_pattern", "universal_pattern"], default=None,
-                   help="train as a residual on the bundle's universal pattern (fitted first "
-                        "if missing; universal_gan: always class_pattern)")
+                   metavar="BASE",
+                   help="class_pattern or universal_pattern: train as a residual on the "
+                        "bundle's universal pattern (fitted first if missing; default: none, "
+                        "universal_gan: always class_pattern)")
     g.add_argument("--val-num", type=int, default=GeneratorConfig.val_num,
                    help="validation images held out of the train split; the best epoch on "
                         "them is kept (0: no validation, keep the last epoch)")
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     gs.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
     gs.add_argument("--config", type=Path, required=True, help="TOML recipe")
     gs.add_argument("--only", nargs="+", default=None, metavar="ATTACK",
-                    help="train only these generators of the recipe")
+                    help="train only these generators of the recipe (default: all)")
     gs.add_argument("--skip-patterns", action="store_true",
                     help="keep the bundle's fitted patterns")
     _common(gs)
