@@ -24,6 +24,7 @@ from service.attacks import ATTACKS
 from service.attacks.factory import attack_for_bundle, bundle_context
 from service.attacks.generator_attack import GeneratorAttack
 from service.attacks.runner import attack_batch
+from service.attacks.universal import PatternAttack
 from service.errors import (
     AttackInputError,
     UnknownName,
@@ -110,9 +111,7 @@ class BundleService:
         self.transform = bundle.transform
         self.generators = sorted({g["attack"] for g in m.generators})
         self.max_eps = max((g["eps"] for g in m.generators), default=FALLBACK_MAX_EPS)
-        self._methods = [n for n in ATTACKS.names()
-                         if not issubclass(ATTACKS.get(n), GeneratorAttack)
-                         or n in self.generators]
+        self._methods = [n for n in ATTACKS.names() if ATTACKS.get(n).available(m)]
         self.default_method, self.default_method_source = self._pick_default(m.extra)
         self._id_to_index = {int(i): n for n, i in enumerate(bundle.gallery.ids)}
         self._db_packed = np.ascontiguousarray(bundle.gallery.codes_packed)
@@ -438,11 +437,14 @@ class BundleService:
         cls = ATTACKS.get(name)
         row: dict[str, Any] = {
             "name": name, "targeted": cls.targeted, "needs_labels": cls.needs_labels,
-            "kind": "iterative" if cls.iterative else "generator",
+            "kind": "iterative" if cls.iterative else (
+                "generator" if issubclass(cls, GeneratorAttack) else "pattern"),
             "description": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
             "max_eps": self.max_eps,
         }
-        if not cls.iterative:
+        if issubclass(cls, PatternAttack):
+            row["trained_eps"] = list(self.bundle.manifest.extra["patterns"]["eps"])
+        elif not cls.iterative:
             gens = [g for g in self.bundle.manifest.generators if g["attack"] == name]
             row["trained_eps"] = [g["eps"] for g in gens]
             row["eps_range"] = [g.get("training", {}).get("eps_range") for g in gens]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REDIS_TEST_URL, TINY_ARGS, TINY_GENERATOR_ARGS, needs_fmnist
+from helpers import REDIS_TEST_URL, TINY_ARGS, TINY_GENERATOR_ARGS, TINY_PATTERN_ARGS, needs_fmnist
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,15 +25,17 @@ def _test_threads() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store with one tiny bundle, ``tiny`` (16 bits, 1000 database, 100 queries), with both
-    UntargetedGAN generators, the label-free UAA-GAN, the targeted and the saliency generator."""
+    """A store with one tiny bundle, ``tiny`` (16 bits, 1000 database, 100 queries), with its
+    universal patterns, both UntargetedGAN generators, the label-free UAA-GAN, the targeted,
+    the saliency and the pattern-residual (universal_gan) generator."""
     needs_fmnist()
     from service.training.train_cli import main
 
     store = tmp_path_factory.mktemp("store")
     assert main([*TINY_ARGS, "--store", str(store)]) == 0
+    assert main([*TINY_PATTERN_ARGS, "--bundle", "tiny", "--store", str(store)]) == 0
     for attack in ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan",
-                   "saliency_gan"):
+                   "saliency_gan", "universal_gan"):
         assert main([*TINY_GENERATOR_ARGS, "--bundle", "tiny", "--attack", attack,
                      "--store", str(store)]) == 0
     return store

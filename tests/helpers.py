@@ -21,9 +21,17 @@ TINY_ARGS = [
     "--batch-size", "64", "--lr", "3e-3", "--device", "cpu", "--no-progress",
 ]
 
+TINY_PATTERN_ARGS = [
+    "patterns", "--eps", "4/255", "8/255", "16/255", "0.1", "--steps", "20",
+    "--per-class-batch", "8", "--device", "cpu", "--no-progress",
+]
+
 TINY_GENERATOR_ARGS = [
     "generator", "--epochs", "3", "--num-train", "1000", "--width", "8", "--batch-size", "50",
     "--proto-steps", "200",
+    # No validation split (keep the last epoch): on 1,000 images, three tiny epochs differ
+    # by noise; best-checkpoint selection is tested in tests/training/test_patterns.py.
+    "--val-num", "0",
     "--lr", "1e-3", "--device", "cpu", "--no-progress",
 ]
 

@@ -132,6 +132,12 @@ class Attack(abc.ABC):
         self.context = context
         self.seed = seed
 
+    @classmethod
+    def available(cls, manifest: Any) -> bool:
+        """Whether a bundle with this manifest can run the attack (generator and pattern
+        attacks need parts trained into the bundle; the others run on every bundle)."""
+        return True
+
     @property
     def device(self) -> torch.device:
         return next(self.hasher.parameters()).device

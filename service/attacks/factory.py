@@ -8,6 +8,7 @@ import torch
 
 from service.attacks.base import ATTACKS, Attack, AttackContext
 from service.attacks.generator_attack import GeneratorAttack
+from service.attacks.universal import PatternAttack
 
 
 def bundle_context(bundle: Any) -> AttackContext:
@@ -32,6 +33,8 @@ def attack_for_bundle(bundle: Any, method: str, eps: float, seed: int = 0,
     kw: dict[str, Any] = dict(options)
     if issubclass(cls, GeneratorAttack):
         kw["parts"] = bundle.generator_parts(method, eps)
+    if issubclass(cls, PatternAttack):
+        kw["patterns"] = bundle.patterns()
     if cls.needs_context or cls.needs_labels:
         kw.setdefault("context", bundle_context(bundle))
     hook = getattr(cls, "bundle_kwargs", None)  # attacks built from other attacks

@@ -5,7 +5,15 @@
 share this inference code: PrototypeNet label feature -> decoder label map -> generator
 perturbation (tanh scaled by the generator's trained eps) -> projection to the requested eps.
 ``uaa_gan`` (UAA-GAN, label-free) runs the generator on the image alone; ``targeted_gan``
-(ProS-GAN style) conditions the same networks on the *target* label.
+(ProS-GAN style) conditions the same networks on the *target* label. ``universal_gan`` is an
+image-only generator whose output is a residual on top of the query's class pattern
+(:mod:`service.attacks.universal`).
+
+A generator entry with ``base`` in its manifest entry (``class_pattern`` or
+``universal_pattern``) was trained as a residual on top of the bundle's fitted pattern:
+delta = clip(P(eps, labels) + G(x), -eps, eps). Its last layer starts at zero, so training
+starts from the pattern itself, and best-checkpoint selection on validation keeps it at
+least as strong as the pattern there.
 The trained parts come from the bundle (:meth:`service.store.Bundle.generator_parts`).
 """
 
@@ -58,6 +66,11 @@ class GeneratorAttack(Attack):
             raise AttackInputError(f"{self.name} needs a PrototypeNet and a label decoder",
                                    field="method")
         self.generator: nn.Module = parts["generator"].eval()
+        self.base: str | None = parts["entry"].get("base")
+        self.patterns = parts.get("patterns")
+        if self.base and self.patterns is None:
+            raise AttackInputError(f"{self.name} was trained on the bundle's universal "
+                                   "patterns, which it lacks", field="method")
         self.trained_eps = float(parts["eps"])
         lo = parts["entry"].get("training", {}).get("eps_range", [self.trained_eps])[0]
         # Generators trained over an eps range scale their tanh output by the requested eps;
@@ -76,6 +89,10 @@ class GeneratorAttack(Attack):
             if m is not None:
                 to_memory_format(m, self.channels_last)
 
+    @classmethod
+    def available(cls, manifest: Any) -> bool:
+        return any(g["attack"] == cls.name for g in manifest.generators)
+
     def label_maps(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoded label maps; each distinct label set in the batch is decoded once."""
         uniq, inverse = torch.unique(labels, dim=0, return_inverse=True)
@@ -87,7 +104,12 @@ class GeneratorAttack(Attack):
             cond = (self.label_maps(target if self.targeted else labels)
                     if self.conditional else None)
             delta = self.generator(as_batch(x, self.channels_last), cond, self.scale_eps)
-        return (x + delta.float()).clone()
+        delta = delta.float()
+        if self.base:
+            base = self.patterns.delta(
+                self.eps, labels if self.base == "class_pattern" else None).to(x.device)
+            delta = (base + delta).clamp(-self.eps, self.eps)
+        return (x + delta).clone()
 
 
 @register_attack("untargeted_gan")
@@ -129,3 +151,12 @@ class TargetedGAN(GeneratorAttack):
 
     needs_labels = False
     targeted = True
+
+
+@register_attack("universal_gan")
+class UniversalGAN(GeneratorAttack):
+    """Class pattern plus an image-dependent residual: an image-only generator trained on top
+    of the bundle's ``class_universal`` pattern of the query's labels (delta = clip(P_y +
+    G(x), eps)). Arguments and shapes as :class:`GeneratorAttack`."""
+
+    conditional = False

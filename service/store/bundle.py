@@ -50,7 +50,12 @@ from service.store.files import (
     sha256_file,
     write_payload,
 )
-from service.store.generator_parts import load_generator, load_prototype, pick_generator
+from service.store.generator_parts import (
+    load_generator,
+    load_patterns,
+    load_prototype,
+    pick_generator,
+)
 from service.store.manifest import Manifest
 from service.store.thumbs import decode_atlas, encode_atlas
 
@@ -181,7 +186,11 @@ class Bundle:
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images and labels of :meth:`train_positions` (the hasher's training images),
         decoded into memory."""
-        idx = self.train_positions(num, seed)
+        return self.images_at(self.train_positions(num, seed))
+
+    def images_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images and labels of the database items at gallery positions ``idx``,
+        decoded into memory (e.g. a validation split taken from the training side)."""
         s = self.database_set(idx)
         images = s.images if isinstance(s, ArrayImageSet) else \
             s.materialize(min(8, os.cpu_count() or 1)).images  # type: ignore[attr-defined]
@@ -207,6 +216,14 @@ class Bundle:
             self._parts["prototype"] = p.to(self.device) if p is not None else None
         return self._parts["prototype"]
 
+    def patterns(self) -> Any:
+        """The bundle's universal patterns (a :class:`~service.attacks.universal.PatternSet`
+        on the bundle's device), or None when none were fitted."""
+        if "patterns" not in self._parts:
+            p = load_patterns(self.path, self.manifest, load_tensors)
+            self._parts["patterns"] = p.to(self.device) if p is not None else None
+        return self._parts["patterns"]
+
     def generator_parts(self, attack: str, eps: float) -> dict[str, Any]:
         """Prototype, decoder, generator and trained eps for ``attack`` at ``eps`` (cached)."""
 
@@ -220,8 +237,11 @@ class Bundle:
         proto = self.prototype() if dec is not None else None
         if dec is not None and proto is None:
             raise BundleError(f"{self.name}: generator {key} present but no PrototypeNet")
-        return {"prototype": proto, "decoder": dec, "generator": gen, "eps": entry["eps"],
-                "entry": entry}
+        parts = {"prototype": proto, "decoder": dec, "generator": gen, "eps": entry["eps"],
+                 "entry": entry}
+        if entry.get("base"):
+            parts["patterns"] = self.patterns()
+        return parts
 
 
 def _np(t: np.ndarray) -> torch.Tensor:

@@ -3,6 +3,9 @@
 Manifest records:
 * ``extra["prototype"]``: ``{"file", "arch", "training"}``; the PrototypeNet trained against
   this bundle's hasher;
+* ``extra["patterns"]``: ``{"file", "eps", "target_hasher_sha", "training", "validation"}``;
+  the universal patterns (per class and label-free, one per eps of the grid) of
+  :mod:`service.attacks.universal`, stored as float32;
 * ``generators``: one entry per trained generator: ``{"attack", "eps", "file", "arch":
   {"label_decoder": kwargs, "perturbation_generator": kwargs}, "dtype",
   "target_hasher_sha", "training", "evaluation"}``.
@@ -27,6 +30,7 @@ from service.store.files import MANIFEST, finalize, sha256_file, write_payload
 from service.store.manifest import Manifest
 
 PROTOTYPE_FILE = "prototype.safetensors"
+PATTERNS_FILE = "patterns.safetensors"
 
 
 def _half(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -83,18 +87,69 @@ def _save_prototype(folder: Path, manifest: Manifest, proto: nn.Module, arch: di
                                               PROTOTYPE_FILE}))
 
 
+def save_patterns(folder: Path, per_class: torch.Tensor, universal: torch.Tensor,
+                  eps: list[float], training: dict[str, Any],
+                  validation: dict[str, Any]) -> Manifest:
+    """Write the universal patterns (replacing earlier ones) and re-seal the bundle."""
+    with bundle_lock(folder) as manifest:
+        write_payload(folder, PATTERNS_FILE, {"per_class": per_class.float().contiguous(),
+                                              "universal": universal.float().contiguous()})
+        extra = {**manifest.extra, "patterns": {
+            "file": PATTERNS_FILE, "eps": [float(e) for e in eps], "dtype": "float32",
+            "shape": {"per_class": list(per_class.shape), "universal": list(universal.shape)},
+            "target_hasher_sha": sha256_file(folder / manifest.hasher.get(
+                "weights", "hasher.safetensors")),
+            "training": training, "validation": validation,
+        }}
+        manifest = manifest.replace(extra=extra)
+        return finalize(folder, manifest, sorted({*(f["path"] for f in manifest.files),
+                                                  PATTERNS_FILE}))
+
+
+def set_extra(folder: Path, key: str, value: Any) -> Manifest:
+    """Set one ``extra`` record of the manifest and re-seal the bundle (files unchanged)."""
+    with bundle_lock(folder) as manifest:
+        manifest = manifest.replace(extra={**manifest.extra, key: value})
+        return finalize(folder, manifest, sorted(f["path"] for f in manifest.files))
+
+
+def load_patterns(folder: Path, manifest: Manifest, load: Any) -> Any:
+    """The bundle's :class:`~service.attacks.universal.PatternSet`, or None."""
+    from service.attacks.universal import PatternSet
+
+    info = manifest.extra.get("patterns")
+    if not info:
+        return None
+    t = load(folder, info["file"])
+    where = f"{folder.name}/{info['file']}"
+    eps = [float(e) for e in info["eps"]]
+    pc, un = t.get("per_class"), t.get("universal")
+    if pc is None or un is None or pc.dim() != 5 or un.dim() != 4 or \
+            pc.shape[0] != len(eps) or un.shape[0] != len(eps) or \
+            pc.shape[1] != len(manifest.class_names) or pc.shape[2:] != un.shape[1:]:
+        raise BundleError(f"{where} does not fit its manifest record (eps grid, classes)")
+    if eps != sorted(eps) or any(max(p.abs().max().item(), c.abs().max().item()) > e + 1e-6
+                                 for p, c, e in zip(un, pc, eps, strict=True)):
+        raise BundleError(f"{where}: patterns exceed their recorded eps")
+    return PatternSet(eps, pc.float(), un.float())
+
+
 def save_generator(folder: Path, attack: str, eps: float, decoder: nn.Module | None,
                    generator: nn.Module, arch: dict[str, Any], training: dict[str, Any],
-                   evaluation: dict[str, Any]) -> Manifest:
-    """Write one generator (replacing an earlier one of the same attack and eps) and re-seal."""
+                   evaluation: dict[str, Any], base: str | None = None) -> Manifest:
+    """Write one generator (replacing an earlier one of the same attack and eps) and re-seal.
+
+    ``base``: the universal pattern the generator was trained on top of (``class_pattern``
+    or ``universal_pattern``), recorded in its entry; None for a plain generator."""
     with bundle_lock(folder) as manifest:
         return _save_generator(folder, manifest, attack, eps, decoder, generator, arch,
-                               training, evaluation)
+                               training, evaluation, base)
 
 
 def _save_generator(folder: Path, manifest: Manifest, attack: str, eps: float,
                     decoder: nn.Module | None, generator: nn.Module, arch: dict[str, Any],
-                    training: dict[str, Any], evaluation: dict[str, Any]) -> Manifest:
+                    training: dict[str, Any], evaluation: dict[str, Any],
+                    base: str | None = None) -> Manifest:
     fname = f"gen_{attack}_{eps_tag(eps)}.safetensors"
     parts = _half(generator, "generator.")
     if decoder is not None:  # label-free generators (uaa_gan) have no label decoder
@@ -106,6 +161,11 @@ def _save_generator(folder: Path, manifest: Manifest, attack: str, eps: float,
                                                                      "hasher.safetensors")),
         "training": training, "evaluation": evaluation,
     }
+    if base:
+        if not manifest.extra.get("patterns"):
+            raise BundleError(f"{folder.name}: a generator on the {base} needs the bundle's "
+                              "universal patterns (hashaudit train patterns)")
+        entry["base"] = base
     gens = [g for g in manifest.generators
             if not (g["attack"] == attack and abs(g["eps"] - eps) < 1e-9)]
     manifest = manifest.replace(generators=sorted([*gens, entry],

@@ -19,12 +19,31 @@ Variants (the registry names of the resulting attacks):
   gradient); h_q = sign of the prototype code; only bits still on the prototype's side count
   (a flipped bit stops pulling budget); c = 0.1.
 
-Both are trained over a range of eps: each batch draws eps in [eps_min, eps_max] and the
+* ``universal_gan``: an image-only generator (no PrototypeNet, no decoder) whose output is a
+  residual on top of the bundle's class pattern (``base = "class_pattern"``), trained with the
+  own-code hashing term alone (a = 1, b = c = 0).
+
+All are trained over a range of eps: each batch draws eps in [eps_min, eps_max] and the
 generator's tanh output is scaled by it, so one generator serves every eps in the range.
+
+Pattern base (``base``): ``class_pattern`` (label-conditioned variants) or
+``universal_pattern`` (``uaa_gan``) trains the generator as a residual on the bundle's
+universal pattern at the batch's eps, delta = clip(P + G(x), -eps, eps)
+(:mod:`service.attacks.universal`; patterns are fitted first if the bundle has none). The
+generator's last layer starts at zero, so epoch 0 *is* the pattern.
+
+Checkpoint selection (``val_num`` > 0): a validation split taken from the bundle's training
+images (never the test queries; :func:`service.training.patterns.validation_split`) is held
+out of training; the generator is scored on it before training and after every epoch at
+``val_eps`` (mAP@all after uint8 rounding, t-MAP for ``targeted_gan``), and the best epoch is
+kept (with a base: the best among epochs no worse than the pattern at every validation eps),
+with early stopping after ``patience`` epochs without improvement. The curve goes into the
+manifest entry (``training.validation``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -54,12 +73,23 @@ from service.store.bundle import Bundle, load_bundle
 from service.store.generator_parts import save_generator, save_prototype
 from service.training.checkpoint import load_checkpoint, save_checkpoint
 from service.training.losses import _pairwise_nll
+from service.training.patterns import (
+    DEFAULT_VAL_EPS,
+    PatternConfig,
+    Validator,
+    fit_patterns,
+    subset,
+    validation_split,
+)
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan", "saliency_gan")
+VARIANTS = ("untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan", "saliency_gan",
+            "universal_gan")
 LABEL_FREE = ("uaa_gan",)
 TARGETED = ("targeted_gan",)
+IMAGE_ONLY = ("uaa_gan", "universal_gan")  # generators that see the image alone
+BASES = ("class_pattern", "universal_pattern")
 
 
 @dataclass
@@ -99,12 +129,42 @@ class GeneratorConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 autocast + channels-last on CUDA, fp32 else), fp32, bf16
     prototype: PrototypeConfig = field(default_factory=PrototypeConfig)
+    base: str | None = None  # "class_pattern" / "universal_pattern": residual on the pattern
+    val_num: int = 1000  # validation images held out of the train split (0: keep the last)
+    val_eps: list[float] = field(default_factory=lambda: list(DEFAULT_VAL_EPS))
+    patience: int = 3  # epochs without a better validation score before stopping (0: never)
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
+        if self.attack == "universal_gan" and self.base is None:
+            self.base = "class_pattern"
+        if self.base is not None and self.base not in BASES:
+            raise ConfigError(f"base must be one of {BASES} or empty", field="base")
+        if self.base == "class_pattern" and self.attack in LABEL_FREE:
+            raise ConfigError(f"{self.attack} sees no labels: its base can only be "
+                              "universal_pattern", field="base")
+        if self.base == "universal_pattern" and self.attack not in LABEL_FREE:
+            raise ConfigError(f"{self.attack} is label-conditioned: its base is class_pattern",
+                              field="base")
+        if self.attack == "universal_gan" and self.base != "class_pattern":
+            raise ConfigError("universal_gan is a residual on the class pattern", field="base")
+        if self.base and self.attack in TARGETED:
+            raise ConfigError("the patterns are untargeted; targeted_gan takes no base",
+                              field="base")
+        if not 0 <= self.val_num <= 100_000:
+            raise ConfigError("val_num must be in 0..100000", field="val_num")
+        if not 0 <= self.patience <= 1000:
+            raise ConfigError("patience must be in 0..1000", field="patience")
+        self.val_eps = [float(e) for e in self.val_eps]
+        if self.val_num and not self.val_eps:
+            raise ConfigError("validation needs at least one eps", field="val_eps")
 
     def weights(self) -> tuple[float, float, float]:
         """(a, b, c): hashing/metric term, reconstruction, GAN term."""
+        if self.attack == "universal_gan":  # the pattern's objective, nothing else
+            return (self.weight_t if self.weight_t is not None else 1.0,
+                    self.weight_q if self.weight_q is not None else 0.0,
+                    self.weight_d if self.weight_d is not None else 0.0)
         if self.attack in LABEL_FREE:  # UAA-GAN: lambda_m, lambda_r, LSGAN weight
             return (self.weight_t if self.weight_t is not None else 1.0,
                     self.weight_q if self.weight_q is not None else 0.01,
@@ -177,7 +237,8 @@ def _hash_term(cfg: GeneratorConfig, u: torch.Tensor, h_q: torch.Tensor, u0: tor
         anchor = torch.where(h_q >= 0, 1.0, -1.0)
         miss = (anchor * u <= 0).float().detach()
         return -(miss * anchor * torch.tanh(scale * u)).sum(1).mean() / k
-    anchor = torch.where((u0 if cfg.anchor == "own" else h_q) >= 0, 1.0, -1.0)
+    own = cfg.anchor == "own" or h_q is None  # universal_gan has no prototype: own code
+    anchor = torch.where((u0 if own else h_q) >= 0, 1.0, -1.0)
     agree = (anchor * u > 0).float().detach()
     return (agree * anchor * torch.tanh(scale * u)).sum(1).mean() / k
 
@@ -218,7 +279,7 @@ def _extra_terms(cfg: GeneratorConfig, hasher: Any, x: torch.Tensor, x_adv: torc
             cam_x = gradcam(hasher, x, ref, scale)
         cam_adv = gradcam(hasher, x_adv, ref, scale, differentiable=True)
         out["l_cam"] = (-cam_distance(cam_x, cam_adv).mean(), cfg.cam_weight)
-    if cfg.distill > 0:
+    if cfg.distill > 0 and p is not None:
         # Teacher: the one-step (FGSM) descent direction of the hashing term at x.
         xg = x.clone().requires_grad_(True)
         lt_x = _hash_term(cfg, hasher(xg), p["code"], u0, scale)
@@ -255,13 +316,37 @@ def train_generator(
     dev = resolve_device(device)
     precision = resolve_precision(cfg.precision, dev)
     bundle = load_bundle(bundle_path, dev)
+    patterns = None
+    if cfg.base:
+        info = bundle.manifest.extra.get("patterns")
+        if not info or max(info["eps"]) < cfg.eps_max - 1e-9:
+            grid = sorted({*PatternConfig().eps, cfg.eps_max})
+            grid = [e for e in grid if e <= cfg.eps_max + 1e-9]
+            log.info("%s: fitting the bundle's universal patterns first (eps %s)",
+                     bundle.name, [round(e, 4) for e in grid])
+            fit_patterns(bundle_path, PatternConfig(eps=grid, val_num=cfg.val_num,
+                                                    val_eps=cfg.val_eps, seed=cfg.seed),
+                         device=str(dev), progress=progress)
+            bundle = load_bundle(bundle_path, dev)
+        patterns = bundle.patterns()
     hasher = bundle.hasher.set_precision(precision)
     cl = hasher.channels_last
-    images, labels = _train_images(bundle, cfg.num_train, cfg.seed)
     m = bundle.manifest
+    validator: Validator | None = None
+    if cfg.val_num > 0:
+        train_pos, val_pos = validation_split(bundle, cfg.val_num, 0)
+        val_eps = [e for e in cfg.val_eps if cfg.eps_min - 1e-9 <= e <= cfg.eps_max + 1e-9]
+        if len(val_pos) and val_eps:
+            validator = Validator(bundle, val_pos, val_eps, targeted=cfg.attack in TARGETED,
+                                  seed=cfg.seed)
+        images_np, labels_np = bundle.images_at(subset(train_pos, cfg.num_train, cfg.seed))
+        images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np).float()
+    else:
+        images, labels = _train_images(bundle, cfg.num_train, cfg.seed)
     label_free = cfg.attack in LABEL_FREE
-    proto = bundle.prototype()
-    if proto is None and not label_free:
+    image_only = cfg.attack in IMAGE_ONLY
+    proto = None if image_only else bundle.prototype()
+    if proto is None and not image_only:
         proto, info = train_prototype(bundle, images, labels, cfg.prototype, dev, progress)
         save_prototype(bundle_path, proto.cpu(), info["arch"], info["training"])
         proto = proto.to(dev)
@@ -271,14 +356,18 @@ def train_generator(
     shapes["perturbation_generator"].update(blocks=cfg.blocks, norm=cfg.norm)
     if cfg.skips:
         shapes["perturbation_generator"]["skips"] = True
-    if label_free:  # image only; the discriminator scores real/fake (LSGAN), no labels
+    if image_only:  # image only; the discriminator scores real/fake (LSGAN), no labels
         shapes["perturbation_generator"]["cond_channels"] = 0
+    if label_free:
         shapes["label_discriminator"]["num_classes"] = 0
     torch.manual_seed(cfg.seed)
-    decoder = (None if label_free
+    decoder = (None if image_only
                else create_net("label_decoder", **shapes["label_decoder"]).to(dev))
     generator = create_net("perturbation_generator", **shapes["perturbation_generator"]).to(dev)
     disc = create_net("label_discriminator", **shapes["label_discriminator"]).to(dev)
+    if cfg.base:  # start from the pattern itself: the residual's last layer outputs 0
+        torch.nn.init.zeros_(generator.out.weight)
+        torch.nn.init.zeros_(generator.out.bias)
     for mod_ in (decoder, generator, disc):
         if mod_ is not None:
             to_memory_format(mod_, cl)
@@ -289,6 +378,12 @@ def train_generator(
             return module(*(as_batch(a, cl) if isinstance(a, torch.Tensor) else a
                             for a in args)).float()
 
+    def with_base(delta: torch.Tensor, eps: float, y: torch.Tensor | None) -> torch.Tensor:
+        if patterns is None:
+            return delta
+        base = patterns.delta(eps, y if cfg.base == "class_pattern" else None)
+        return (base + delta).clamp(-eps, eps)
+
     g_params = [*generator.parameters()] + ([] if decoder is None else [*decoder.parameters()])
     opt_g = torch.optim.Adam(g_params, lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
@@ -297,17 +392,56 @@ def train_generator(
     modules = {"generator": generator, "disc": disc}
     if decoder is not None:
         modules["decoder"] = decoder
+    kept = {k: v for k, v in modules.items() if k != "disc"}  # what the bundle stores
+    best_mods = {f"best_{k}": copy.deepcopy(v) for k, v in kept.items()}
+
+    def validate() -> dict[str, float]:
+        assert validator is not None
+        for mod in kept.values():
+            mod.eval()
+
+        def perturb(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+            scale_eps = min(max(eps, cfg.eps_min), cfg.eps_max)
+            cond = None
+            if decoder is not None:
+                cond = fwd(decoder, proto(t if cfg.attack in TARGETED else y)["feature"])
+            delta = with_base(fwd(generator, x, cond, scale_eps), eps, y)
+            return x + delta
+
+        figs = validator.figures(perturb)
+        for mod in modules.values():
+            mod.train()
+        return figs
+
     start, history = 0, []
+    val: dict[str, Any] = {}
     if checkpoint_dir is not None:
         both = _Pair(opt_g, opt_d)
-        state = load_checkpoint(checkpoint_dir, modules, both, cfg.to_dict())  # type: ignore
+        ck_mods = {**modules, **(best_mods if validator is not None else {})}
+        state = load_checkpoint(checkpoint_dir, ck_mods, both, cfg.to_dict())  # type: ignore
         if state is not None:
             start, history = state["epoch"], state["history"]
+            val = state.get("validation", {})
+    if validator is not None and not val:
+        figs = validate()
+        val = {"metric": validator.metric, "num": len(validator), "split_seed": 0,
+               "eps": validator.eps, "reference": figs if cfg.base else None,
+               "curve": [{"epoch": 0, "figures": figs, "loss": validator.loss(figs)}],
+               "best_epoch": 0, "best_loss": validator.loss(figs)}
+        log.info("%s validation before training (%s): %s", cfg.attack, validator.metric, figs)
     n = len(images)
     steps = math.ceil(n / cfg.batch_size)
     log_lo, log_hi = math.log(cfg.eps_min), math.log(cfg.eps_max)
     t_all = time.perf_counter()
+    stopped_early = False
     for epoch in range(start, cfg.epochs):
+        if validator is not None and cfg.patience and \
+                epoch - val["best_epoch"] >= cfg.patience:
+            stopped_early = True
+            log.info("%s: no better validation score for %d epochs; stopping", cfg.attack,
+                     cfg.patience)
+            break
         for mod in modules.values():
             mod.train()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
@@ -323,11 +457,11 @@ def train_generator(
             eps = math.exp(log_lo + (log_hi - log_lo) * torch.rand(1, generator=gen).item())
             with torch.no_grad():
                 cond_labels = random_targets(y, gen) if cfg.attack in TARGETED else y
-                p = None if label_free else proto(cond_labels)
+                p = None if image_only else proto(cond_labels)
                 u0 = hasher(x)
                 scale = scale_for(u0)
             cond = None if p is None else fwd(decoder, p["feature"])
-            delta = fwd(generator, x, cond, eps)
+            delta = with_base(fwd(generator, x, cond, eps), eps, y)
             x_adv = (x + delta).clamp(0, 1)
             if label_free:
                 # UAA-GAN: LSGAN, L2 reconstruction, hard-negative metric term
@@ -353,7 +487,7 @@ def train_generator(
                 else:
                     d_loss = torch.zeros(())
                 u = hasher(x_adv)
-                l_t = _hash_term(cfg, u, p["code"], u0, scale)
+                l_t = _hash_term(cfg, u, None if p is None else p["code"], u0, scale)
                 l_q = (x_adv - x).pow(2).mean()
                 l_d = ((fwd(disc, x_adv) - real_t).pow(2).sum(1).mean() if c > 0
                        else torch.zeros(()))
@@ -376,12 +510,36 @@ def train_generator(
                 bar.set_postfix({names[0]: f"{l_t.item():.3f}", "flipped": f"{flipped:.2f}"})
         rec = {k_: v_ / steps for k_, v_ in sums.items()}
         rec.update(epoch=epoch + 1, seconds=time.perf_counter() - t0)
+        if validator is not None:
+            figs = validate()
+            score = validator.loss(figs)
+            ok = val["reference"] is None or all(
+                figs[k] <= v + 1e-12 for k, v in val["reference"].items())
+            val["curve"].append({"epoch": epoch + 1, "figures": figs, "loss": score,
+                                 "admissible": ok})
+            if ok and score < val["best_loss"]:
+                val["best_epoch"], val["best_loss"] = epoch + 1, score
+                for k, mod in kept.items():
+                    best_mods[f"best_{k}"].load_state_dict(mod.state_dict())
+            rec["val"] = figs
         history.append(rec)
         log.info("%s epoch %d/%d %s", cfg.attack, epoch + 1, cfg.epochs,
-                 " ".join(f"{k_}={v_:.4g}" for k_, v_ in rec.items() if k_ != "epoch"))
+                 " ".join(f"{k_}={v_:.4g}" for k_, v_ in rec.items()
+                          if k_ not in ("epoch", "val")))
+        if validator is not None:
+            log.info("%s validation (%s): %s; best epoch %d", cfg.attack, validator.metric,
+                     rec["val"], val["best_epoch"])
         if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, modules, _Pair(opt_g, opt_d),  # type: ignore
-                            {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()})
+            ck_mods = {**modules, **(best_mods if validator is not None else {})}
+            save_checkpoint(checkpoint_dir, ck_mods, _Pair(opt_g, opt_d),  # type: ignore
+                            {"epoch": epoch + 1, "history": history, "config": cfg.to_dict(),
+                             "validation": val})
+    if validator is not None:
+        # keep the best epoch (epoch 0: the untrained start, which with a base is the pattern)
+        for k, mod in kept.items():
+            mod.load_state_dict(best_mods[f"best_{k}"].state_dict())
+        val["selected"] = "best"
+        val["stopped_early"] = stopped_early
     generator.eval()
     to_memory_format(generator, False)
     arch = {"perturbation_generator": shapes["perturbation_generator"]}
@@ -392,9 +550,11 @@ def train_generator(
     training = {"config": cfg.to_dict(), "history": history, "train_images": n,
                 "seconds": round(time.perf_counter() - t_all, 1), "device": str(dev),
                 "precision": precision, "eps_range": [cfg.eps_min, cfg.eps_max]}
+    if validator is not None:
+        training["validation"] = val
     manifest = save_generator(bundle_path, cfg.attack, cfg.eps_max,
                               None if decoder is None else decoder.cpu(), generator.cpu(), arch,
-                              training, {})
+                              training, {}, base=cfg.base)
     return next(g for g in manifest.generators
                 if g["attack"] == cfg.attack and abs(g["eps"] - cfg.eps_max) < 1e-9)
 

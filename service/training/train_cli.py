@@ -17,6 +17,7 @@ from service.training.bundle_builder import build_bundle, read_config
 from service.training.commands import TRAIN_COMMANDS
 from service.training.generator_trainer import GeneratorConfig, PrototypeConfig, train_generator
 from service.training.hasher import HasherConfig
+from service.training.patterns import PatternConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proto-steps", type=int, default=PrototypeConfig.steps,
                    help="PrototypeNet training steps (when the bundle has none yet)")
     g.add_argument("--seed", type=int, default=0, help="training seed")
+    g.add_argument("--base", choices=["class_pattern", "universal_pattern"], default=None,
+                   metavar="BASE",
+                   help="class_pattern or universal_pattern: train as a residual on the "
+                        "bundle's universal pattern (fitted first if missing; default: none, "
+                        "universal_gan: always class_pattern)")
+    g.add_argument("--val-num", type=int, default=GeneratorConfig.val_num,
+                   help="validation images held out of the train split; the best epoch on "
+                        "them is kept (0: no validation, keep the last epoch)")
+    g.add_argument("--val-eps", type=parse_eps, nargs="+", default=None,
+                   help="eps values validated at (default: 8/255 16/255)")
+    g.add_argument("--patience", type=int, default=GeneratorConfig.patience,
+                   help="stop after this many epochs without a better validation score "
+                        "(0: never)")
     _precision(g, GeneratorConfig.precision, "training precision")
     _common(g)
+
+    pt = add("patterns")
+    pt.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
+    pt.add_argument("--eps", type=parse_eps, nargs="+", default=None,
+                    help="eps grid (default: 4/255 8/255 16/255 0.1)")
+    pt.add_argument("--steps", type=int, default=PatternConfig.steps,
+                    help="signed-gradient steps per eps")
+    pt.add_argument("--per-class-batch", type=int, default=PatternConfig.per_class_batch,
+                    help="images of each class per step")
+    pt.add_argument("--num-train", type=int, default=None,
+                    help="training images to fit on (default: all but the validation split)")
+    pt.add_argument("--val-num", type=int, default=PatternConfig.val_num,
+                    help="validation images held out of the train split (0: none)")
+    pt.add_argument("--seed", type=int, default=0, help="fitting seed")
+    _common(pt)
+
+    gs = add("generators")
+    gs.add_argument("--bundle", required=True, help="bundle name in the store, or a folder")
+    gs.add_argument("--config", type=Path, required=True, help="TOML recipe")
+    gs.add_argument("--only", nargs="+", default=None, metavar="ATTACK",
+                    help="train only these generators of the recipe (default: all)")
+    gs.add_argument("--skip-patterns", action="store_true",
+                    help="keep the bundle's fitted patterns")
+    _common(gs)
 
     bd = add("backdoor")
     bd.add_argument("--bundle", required=True, help="source bundle (surrogate and recipe)")
@@ -158,7 +196,12 @@ def _config_from_args(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code."""
-    args = build_parser().parse_args(argv)
+    import shlex
+    import sys
+
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(raw)
+    args.command_line = "hashaudit train " + shlex.join(raw)
     settings = get_settings()
     store = args.store or settings.model_store
     device = args.device or settings.device
@@ -166,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generator(args, Path(store), device)
     if args.cmd == "backdoor":
         return _backdoor(args, Path(store))
+    if args.cmd in ("patterns", "generators"):
+        return _patterns_or_recipe(args, Path(store), device)
     try:
         if args.cmd == "bundle":
             cfg = read_config(args.config)
@@ -236,13 +281,15 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
     if args.proto_steps < 1:
         print(f"error: --proto-steps must be at least 1, got {args.proto_steps}")
         return 2
-    cfg = GeneratorConfig(attack=args.attack, eps_min=lo, eps_max=hi, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
-                          width=args.width, num_train=args.num_train, seed=args.seed,
-                          weight_t=a, weight_q=b, weight_d=c, margin=args.margin,
-                          cam_weight=args.cam_weight, precision=args.precision,
-                          prototype=PrototypeConfig(steps=args.proto_steps))
     try:
+        cfg = GeneratorConfig(attack=args.attack, eps_min=lo, eps_max=hi, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, d_lr=args.lr,
+                              width=args.width, num_train=args.num_train, seed=args.seed,
+                              weight_t=a, weight_q=b, weight_d=c, margin=args.margin,
+                              cam_weight=args.cam_weight, precision=args.precision,
+                              prototype=PrototypeConfig(steps=args.proto_steps),
+                              base=args.base, val_num=args.val_num, patience=args.patience,
+                              **({"val_eps": args.val_eps} if args.val_eps else {}))
         entry = train_generator(folder, cfg, device=device, checkpoint_dir=args.checkpoint_dir,
                                 progress=not args.no_progress)
     except HashAuditError as exc:
@@ -253,4 +300,48 @@ def _generator(args: argparse.Namespace, store: Path, device: str) -> int:
           f"last epoch: bits flipped {last['bits_flipped']:.3f}, "
           f"{'L_metric' if 'l_metric' in last else 'L_T'} "
           f"{last.get('l_metric', last.get('l_t', float('nan'))):.4f}")
+    return 0
+
+
+def _bundle_folder(name: str, store: Path) -> Path:
+    from service.store.modelstore import check_bundle_name
+
+    folder = Path(name)
+    if not (folder / "manifest.json").is_file():
+        folder = store / check_bundle_name(name, field="bundle")
+    return folder
+
+
+def _patterns_or_recipe(args: argparse.Namespace, store: Path, device: str) -> int:
+    from service.training.patterns import fit_patterns
+    from service.training.recipe import read_recipe, run_recipe
+
+    try:
+        folder = _bundle_folder(args.bundle, store)
+        if args.cmd == "patterns":
+            cfg = PatternConfig(**{k: v for k, v in (
+                ("eps", args.eps), ("steps", args.steps),
+                ("per_class_batch", args.per_class_batch), ("num_train", args.num_train),
+                ("val_num", args.val_num), ("seed", args.seed)) if v is not None})
+            records = [fit_patterns(folder, cfg, device=device, progress=not args.no_progress)]
+            gens = []
+        else:
+            out = run_recipe(folder, read_recipe(args.config), device=device, only=args.only,
+                             skip_patterns=args.skip_patterns, progress=not args.no_progress,
+                             command=args.command_line)
+            records = [out["patterns"]] if out["patterns"] else []
+            gens = out["generators"]
+    except HashAuditError as exc:
+        print(f"error: {exc.message}")
+        return 2
+    for rec in records:
+        v = rec["validation"]
+        print(f"patterns (eps {', '.join(f'{e:.4f}' for e in rec['eps'])}) written to "
+              f"{folder / rec['file']}; validation {v.get('metric')}: class_universal "
+              f"{v.get('class_universal')}, universal {v.get('universal')}")
+    for g in gens:
+        val = g["training"].get("validation")
+        best = "" if not val else (f"; best validation epoch {val['best_epoch']}: "
+                                   f"{val['curve'][val['best_epoch']]['figures']}")
+        print(f"{g['attack']} written to {folder / g['file']}{best}")
     return 0

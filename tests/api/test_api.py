@@ -241,7 +241,11 @@ def test_encode_and_models_and_thumbnails(api_server, tiny_bundle):
     assert m["bits"] == 16 and len(m["classes"]) == 10
     gens = {a["name"]: a for a in m["attacks"] if a["kind"] == "generator"}
     assert set(gens) == {"untargeted_gan", "untargeted_gan_plus", "uaa_gan", "targeted_gan",
-                         "saliency_gan"}
+                         "saliency_gan", "universal_gan"}
+    pats = {a["name"]: a for a in m["attacks"] if a["kind"] == "pattern"}
+    assert set(pats) == {"class_universal", "universal"}
+    assert pats["class_universal"]["needs_labels"] and not pats["universal"]["needs_labels"]
+    assert pats["universal"]["trained_eps"][-1] == pytest.approx(0.1)
     detail = httpx.get(f"{api_server.url}/models/tiny").json()
     assert detail["evaluation"]["figures"]["map_all"] == pytest.approx(
         tiny_bundle.manifest.evaluation["figures"]["map_all"])

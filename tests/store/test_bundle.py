@@ -30,9 +30,13 @@ def test_tiny_bundle_loads_with_consistent_parts(tiny_store: Path) -> None:
         "splits.safetensors", "prototype.safetensors",
         "gen_untargeted_gan_m100.safetensors", "gen_untargeted_gan_plus_m100.safetensors",
         "gen_uaa_gan_m100.safetensors", "gen_targeted_gan_m100.safetensors",
-        "gen_saliency_gan_m100.safetensors"}
+        "gen_saliency_gan_m100.safetensors", "gen_universal_gan_m100.safetensors",
+        "patterns.safetensors"}
     assert [g["attack"] for g in m.generators] == [
-        "saliency_gan", "targeted_gan", "uaa_gan", "untargeted_gan", "untargeted_gan_plus"]
+        "saliency_gan", "targeted_gan", "uaa_gan", "universal_gan", "untargeted_gan",
+        "untargeted_gan_plus"]
+    ug = next(g for g in m.generators if g["attack"] == "universal_gan")
+    assert ug["base"] == "class_pattern" and "label_decoder" not in ug["arch"]
     uaa = next(g for g in m.generators if g["attack"] == "uaa_gan")
     assert "label_decoder" not in uaa["arch"]  # label-free: image-only generator
     assert uaa["arch"]["perturbation_generator"]["cond_channels"] == 0
@@ -51,13 +55,13 @@ def test_sha256sum_accepts_the_sums_file(tiny_store: Path) -> None:
     out = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tiny_store / "tiny",
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(": OK") == 12
+    assert out.stdout.count(": OK") == 14
 
 
 @pytest.mark.parametrize("fname", [
     "hasher.safetensors", "gallery.safetensors", "thumbnails.png", "queries.safetensors",
     "splits.safetensors", "manifest.json", "prototype.safetensors",
-    "gen_untargeted_gan_plus_m100.safetensors"])
+    "gen_untargeted_gan_plus_m100.safetensors", "patterns.safetensors"])
 def test_a_flipped_byte_in_any_file_refuses_to_load(tiny_bundle_copy: Path, fname: str) -> None:
     p = tiny_bundle_copy / fname
     data = bytearray(p.read_bytes())

@@ -18,7 +18,7 @@ def test_bf16_generator_training_records_its_precision(tmp_path) -> None:
     shutil.copytree(REPO / "model_store" / "fmnist-dpsh-32", store / "b")
     cfg = GeneratorConfig(attack="untargeted_gan_plus", eps_min=8 / 255, eps_max=16 / 255,
                           epochs=1, batch_size=64, num_train=128, width=8, blocks=2,
-                          precision="bf16")
+                          precision="bf16", val_num=200)
     entry = train_generator(store / "b", cfg, device="cpu", progress=False)
     t = entry["training"]
     assert t["precision"] == "bf16" and t["config"]["precision"] == "bf16"
