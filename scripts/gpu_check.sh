@@ -18,6 +18,8 @@
 #   hag      scripts/hag_device_check.py: the HAG attack on CPU and CUDA, batch sizes, TF32;
 #   service  benchmarks/service.py on CUDA with 1, 4 and 16 server processes (Redis needed:
 #            from PATH, or unpacked from ./.gpu_debs);
+#   attacks  benchmarks/attacks.py on CUDA (worst_case, the frontier), batch 1,000;
+#   harden   benchmarks/harden.py on CUDA (only when named: its bar is a CPU run);
 #   paper    step 2 above; pytest  step 3.
 # The scenes' Fashion-MNIST items come from the IDX files when installed, else from the
 # shipped default bundle (its 20,000 train and 1,000 test images), so nothing else is needed.
@@ -61,13 +63,14 @@ if [ "$MODE" = "cpu" ]; then
 fi
 
 # GPU mode: the stages named in $STAGES, in this order (default: all of them)
-STAGES="${STAGES:-hag service paper pytest}"
+STAGES="${STAGES:-hag service attacks paper pytest}"
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
 t0=$(date +%s)
 
 if has hag && [ -f scripts/hag_device_check.py ]; then
   t1=$(date +%s)
-  "$PY" scripts/hag_device_check.py "$DEST/hag_device.json" 2>&1 | tee "$DEST/hag_device.txt"
+  timeout "${HAG_TIMEOUT:-300}" "$PY" scripts/hag_device_check.py "$DEST/hag_device.json" 2>&1 \
+    | tee "$DEST/hag_device.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   echo "hag device check: $(( $(date +%s) - t1 )) s"
 fi
@@ -93,18 +96,39 @@ if has service; then
     fi
     unset LD_LIBRARY_PATH
   fi
-  "$PY" benchmarks/service.py --device cuda --workers 1 --clients 1 32 64 \
+  timeout 200 "$PY" benchmarks/service.py --device cuda --workers 1 --clients 1 32 64 \
     --methods untargeted_gan pgd --max-batch 64 --seconds "${SERVICE_SECONDS:-5}" --warmup 1 \
     --port 8790 --out "$DEST/service_w1.json" 2>&1 | tail -n 12 | tee "$DEST/service_w1.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   for w in 4 16; do
-    "$PY" benchmarks/service.py --device cuda --workers "$w" --clients 64 256 \
+    timeout 150 "$PY" benchmarks/service.py --device cuda --workers "$w" --clients 64 256 \
       --methods untargeted_gan --max-batch 64 --seconds "${SERVICE_SECONDS:-5}" --warmup 1 \
       --no-in-process --port $((8790 + w)) --out "$DEST/service_w$w.json" 2>&1 \
       | tail -n 8 | tee "$DEST/service_w$w.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
   echo "service benchmark: $(( $(date +%s) - t1 )) s"
+fi
+
+if has attacks; then
+  # the attack benchmark on CUDA: every untargeted method (worst_case included) at 8/255 and
+  # 16/255 on all queries, batch 1,000, and the strength-vs-time frontier
+  t1=$(date +%s)
+  timeout "${ATTACKS_TIMEOUT:-600}" "$PY" benchmarks/attacks.py --device cuda --batch-size 1000 \
+    --eps 8/255 16/255 --out "$DEST/attacks_cuda.json" 2>&1 | tail -n 40 | tee "$DEST/attacks_cuda.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  cp benchmarks/results/attacks_cuda*.png "$DEST/" 2>/dev/null
+  echo "attack benchmark: $(( $(date +%s) - t1 )) s"
+fi
+
+if has harden; then
+  # the harden benchmark on CUDA (not in the default stages: its bar is a CPU run)
+  t1=$(date +%s)
+  timeout "${HARDEN_TIMEOUT:-600}" "$PY" benchmarks/harden.py --device cuda --name harden_cuda \
+    --artifacts "$WORK/harden" 2>&1 | tail -n 60 | tee "$DEST/harden_cuda.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  cp benchmarks/results/harden_cuda* "$DEST/" 2>/dev/null
+  echo "harden benchmark: $(( $(date +%s) - t1 )) s"
 fi
 
 if has paper; then
@@ -121,7 +145,8 @@ fi
 
 if has pytest; then
   t1=$(date +%s)
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$DEST/pytest_gpu.txt"
+  timeout "${PYTEST_TIMEOUT:-600}" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 \
+    | tee "$DEST/pytest_gpu.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   echo "pytest -m gpu: $(( $(date +%s) - t1 )) s"
 fi
