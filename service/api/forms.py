@@ -12,7 +12,8 @@ padding, a part without a ``name``, a ``_charset_`` field, any count or size ove
 FastAPI passes, or anything else unusual hands the (cached) body to Starlette's own parser,
 so errors and edge cases behave exactly as before. Values are decoded as Starlette decodes
 them (the charset of the Content-Type, falling back to latin-1); uploads become
-``UploadFile`` objects over an in-memory buffer.
+``UploadFile`` objects over an in-memory buffer (read and closed inline, without a trip
+through the thread pool).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ from starlette.datastructures import FormData, Headers, UploadFile
 
 FAST_MAX_BYTES = 4 * 1024 * 1024  # larger bodies take Starlette's streaming parser
 MAX_PART_HEADERS = 8  # header lines per part; more: Starlette's parser decides
+
+
+class _InMemory(io.BytesIO):
+    """An upload's bytes; ``_rolled = False`` tells ``UploadFile`` they are in memory, so its
+    ``read`` and ``close`` run inline instead of in the thread pool."""
+
+    _rolled = False
 
 
 def _decode(raw: bytes, charset: str) -> str:
@@ -93,7 +101,7 @@ def parse_multipart(content_type: str, body: bytes, *, max_files: float, max_fie
             files += 1
             if files > max_files:
                 return None
-            upload = UploadFile(io.BytesIO(data), size=len(data),
+            upload = UploadFile(_InMemory(data), size=len(data),
                                 filename=_decode(options[b"filename"], charset),
                                 headers=Headers(raw=raw_headers))
             items.append((field, upload))

@@ -14,7 +14,7 @@ from service.api.responses import JSON
 from service.api.schemas import ERRORS, AttackResponse, EncodeResponse
 from service.api.state import AppState
 from service.errors import BadInput
-from service.images import decode_upload
+from service.images import decode_upload, header_size, sniff_image
 from service.serving import BundleService, Query
 
 router = APIRouter(tags=["attack"], dependencies=[Depends(require_api_key)],
@@ -27,12 +27,23 @@ TopKField = Annotated[int, Form(ge=1, description="gallery hits to return (max: 
                                 "HASHAUDIT_MAX_TOP_K, default 100)")]
 
 
+INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PIXELS = 128 * 128
+
+
 async def _decode(state: AppState, svc: BundleService, image: UploadFile) -> Query:
-    """Decode in the thread pool, whatever the byte size: a few kB of PNG may hold millions
-    of pixels, and the event loop must keep answering (``/health/live``) meanwhile."""
+    """Decode in the thread pool unless the upload is small in bytes *and* its header claims
+    at most ``INLINE_DECODE_PIXELS`` pixels (a fraction of a millisecond; the trip to the
+    pool would cost more): a few kB of PNG may hold millions of pixels, and the event loop
+    must keep answering (``/health/live``) meanwhile."""
     data = await image.read()
-    pixels, info = await run_in_threadpool(
-        decode_upload, data, svc.transform, state.settings.max_pixels)
+    max_pixels = state.settings.max_pixels
+    if len(data) <= INLINE_DECODE_BYTES:
+        claimed = header_size(data, sniff_image(data))
+        if claimed is not None and claimed[0] * claimed[1] <= INLINE_DECODE_PIXELS:
+            pixels, info = decode_upload(data, svc.transform, max_pixels)
+            return Query(image=pixels, preprocess=info)
+    pixels, info = await run_in_threadpool(decode_upload, data, svc.transform, max_pixels)
     return Query(image=pixels, preprocess=info)
 
 
