@@ -24,6 +24,7 @@ from service.jobs.audit_types.base import (
     check_bundle,
     chunk_function,
 )
+from service.jobs.audit_types.harden import HardenAudit
 from service.registry import Registry
 
 AUDIT_TYPES: Registry[AuditType] = Registry("audit type")
@@ -39,6 +40,7 @@ def register_audit_type(cls: type[AuditType]) -> type[AuditType]:
 # The built-in types, registered here and nowhere else.
 register_audit_type(AttackAudit)
 register_audit_type(BackdoorAudit)
+register_audit_type(HardenAudit)
 
 
 def audit_type(name: str) -> AuditType:
