@@ -83,7 +83,8 @@ def test_plugin_type_through_the_api_and_a_worker(tiny_store, tiny_bundle, redis
     with audit_stack(tiny_store, tmp_path, **PLUGIN_ENV) as server:
         schema = httpx.get(f"{server.url}/openapi.json").json()
         req = schema["components"]["schemas"]["AuditRequest"]
-        assert req["properties"]["type"]["enum"] == ["attack", "backdoor", "code_balance"]
+        assert req["properties"]["type"]["enum"] == ["attack", "backdoor", "code_balance",
+                                                      "harden"]
         assert {"code_balance", "backdoor", "methods"} <= set(req["properties"])
 
         for body, field in (({"type": "code_balance", "code_balance": {"parts": 99}},
