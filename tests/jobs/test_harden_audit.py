@@ -117,6 +117,8 @@ def test_harden_audit_on_a_worker(stack, tiny_bundle, tmp_path):
     ({"epochs": 0}, "harden.epochs"),
     ({"adv_fraction": 1.5}, "harden.adv_fraction"),
     ({"restarts": 0}, "harden.restarts"),
+    ({"robust_queries": 101}, "harden.robust_queries"),  # tiny has 100 queries
+    ({"queries": 0}, "harden.queries"),
     ({"robust_eps": "1/255"}, "harden.robust_eps"),
 ])
 def test_bad_harden_requests_are_422(stack, harden, field):
@@ -133,6 +135,11 @@ def test_bundle_without_training_data_is_refused(tiny_bundle):
     from service.jobs.spec import normalize_spec
     from service.serving import BundleService
 
+    # the defaults fit a small bundle (PGD-100 row on at most all of its 100 queries)
+    spec = normalize_spec(BundleService(tiny_bundle), {"type": "harden", "harden": {}},
+                          max_queries=100)["harden"]
+    assert spec["robust_queries"] == 100 and spec["retrain_generators"]
+    assert spec["attack"] == "pgd_center" and spec["audit_eps"][1] == 8 / 255
     bare = copy.copy(tiny_bundle)
     bare.splits = {k: v for k, v in tiny_bundle.splits.items() if k != "train"}
     with pytest.raises(BadInput) as exc:

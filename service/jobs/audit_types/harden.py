@@ -83,8 +83,9 @@ class HardenSpec(BaseModel):
         list(DEFAULT_AUDIT_EPS), description="eps values of the re-audit")
     queries: int | None = Field(None, description="re-audit a seeded sample of this many of the "
                                 "bundle's queries (default: all)")
-    robust_queries: int = Field(DEFAULT_ROBUST_QUERIES, description="queries (the first of the "
-                                "sample) of the PGD-100 x restarts row; 0 = no such row")
+    robust_queries: int | None = Field(None, description="queries (the first of the sample) of "
+                                       f"the PGD-100 x restarts row (default "
+                                       f"{DEFAULT_ROBUST_QUERIES}, at most all); 0 = no such row")
     robust_eps: float | str | list[float | str] = Field(
         "8/255", description="eps values of the PGD-100 x restarts row (among audit_eps)")
     restarts: int = Field(DEFAULT_RESTARTS, description="random restarts of the PGD-100 row "
@@ -213,8 +214,9 @@ class HardenAudit(AuditType):
         if count > inputs.max_queries:
             raise BadInput(f"harden.queries: at most {inputs.max_queries} per audit "
                            "(HASHAUDIT_MAX_AUDIT_QUERIES)", field="harden.queries")
-        robust_q = int_in(h.get("robust_queries", DEFAULT_ROBUST_QUERIES), 0, count,
-                          "harden.robust_queries")
+        robust_q = h.get("robust_queries")
+        robust_q = (min(DEFAULT_ROBUST_QUERIES, count) if robust_q is None
+                    else int_in(robust_q, 0, count, "harden.robust_queries"))
         robust_eps = _eps_list(svc, h.get("robust_eps", "8/255"), "harden.robust_eps")
         if any(all(abs(r - e) > 1e-9 for e in audit_eps) for r in robust_eps):
             raise BadInput("harden.robust_eps: values among harden.audit_eps",
@@ -372,7 +374,7 @@ class HardenAudit(AuditType):
                        help="eps values of the re-audit (default 4/255 8/255 16/255)")
         b.add_argument("--queries", type=int, default=None,
                        help="re-audit a seeded sample of this many queries (default: all)")
-        b.add_argument("--robust-queries", type=int, default=DEFAULT_ROBUST_QUERIES,
+        b.add_argument("--robust-queries", type=int, default=None,
                        help=f"queries of the PGD-100 x restarts row; 0 = none (default "
                             f"{DEFAULT_ROBUST_QUERIES})")
         b.add_argument("--robust-eps", nargs="+", default=["8/255"],
