@@ -14,8 +14,9 @@ classification term) to map them back among their class.
 
 Training starts from the parent hasher (fine-tuning, not from scratch): the memory bank of the
 recipe's loss is primed with the parent's relaxed codes of the training set, each batch
-replaces ``adv_fraction`` of its images by their adversarial versions (made in eval mode), and
-the learning rate follows a cosine from ``lr`` to 0. Attacks come from ``service.attacks``
+replaces ``adv_fraction`` of its images by their adversarial versions (made in eval mode), the
+bank keeps the clean images' codes (adversarial codes never enter it), and the learning rate
+follows a cosine from ``lr`` to 0. Attacks come from ``service.attacks``
 (the same code the audits run), built on the hasher in training.
 """
 
@@ -88,6 +89,15 @@ def training_attack(bundle: Bundle, hasher: Any, cfg: HardenConfig) -> Any:
     return create_attack(cfg.attack, hasher, cfg.eps, **kw)
 
 
+def _bank_code(loss_fn: Any, u: torch.Tensor) -> torch.Tensor:
+    """The relaxed code the loss keeps in its bank for outputs ``u`` (end of training)."""
+    if hasattr(loss_fn, "beta"):  # HashNet: tanh(beta * u), beta at its final value
+        return torch.tanh(loss_fn.beta(1.0) * u)
+    if getattr(loss_fn, "activation", "tanh") == "none":
+        return u
+    return torch.tanh(u)
+
+
 def _prime_bank(loss_fn: Any, hasher: Any, images: torch.Tensor, labels: torch.Tensor,
                 dev: torch.device, batch: int = 512) -> None:
     """Fill the loss's memory bank with the parent's relaxed codes of every training image."""
@@ -98,7 +108,8 @@ def _prime_bank(loss_fn: Any, hasher: Any, images: torch.Tensor, labels: torch.T
         for i in range(0, len(images), batch):
             x = images[i:i + batch].to(dev).float() / 255
             idx = torch.arange(i, min(i + batch, len(images)), device=dev)
-            loss_fn.update_bank(torch.tanh(hasher(x)), labels[i:i + batch].to(dev), idx)
+            loss_fn.update_bank(_bank_code(loss_fn, hasher(x)), labels[i:i + batch].to(dev),
+                               idx)
 
 
 def harden_hasher(
@@ -174,6 +185,12 @@ def harden_hasher(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if n_adv > 0 and hasattr(loss_fn, "U"):
+                # the bank stands for the training images' codes: keep the clean ones there
+                # (after the backward pass, which reads it), so adversarial images are pulled
+                # toward clean codes of their class and clean images never toward adversarial
+                with torch.no_grad():
+                    loss_fn.U[idx[:n_adv].to(dev)] = _bank_code(loss_fn, u_clean)
             parts["loss"] = loss.item()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
