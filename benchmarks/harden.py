@@ -90,6 +90,7 @@ def summarise(name: str, status: dict[str, Any], seconds: float) -> dict[str, An
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default="fmnist-dpsh-32")
+    p.add_argument("--store", type=Path, default=REPO / "model_store")
     p.add_argument("--attack", default="pgd_center")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--eps", default="8/255")
@@ -114,7 +115,7 @@ def main() -> int:
     add_device_arg(p)
     args = p.parse_args()
     device = pick_device(args.device)
-    store = ModelStore(REPO / "model_store", device, "fp32")
+    store = ModelStore(args.store, device, "fp32")
     svc = BundleService(store.get(args.bundle))
     common = {"eps": args.eps, "adv_fraction": args.adv_fraction, "num_train": args.num_train,
               "queries": args.queries, "robust_queries": args.robust_queries,
