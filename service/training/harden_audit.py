@@ -137,6 +137,13 @@ def _train_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: B
     except OSError as exc:
         raise ConfigError(f"could not write {folder}: {exc}", field="harden") from None
     t1 = time.perf_counter()
+    patterns = None
+    if h["generators"] and "patterns" in bundle.manifest.extra:
+        # the parent's generators are residuals on its universal patterns: fit the hardened
+        # hasher's own patterns first (same settings), so the re-trained ones have their base
+        st.set_progress(audit_id, TRAIN_CHUNK, {"stage": "fitting universal patterns",
+                                                "epoch": cfg.epochs, "epochs": cfg.epochs})
+        patterns = refit_patterns(bundle, folder)
     trained = []
     for i, g in enumerate(h["generators"]):
         if st.stopped(audit_id):
@@ -154,6 +161,7 @@ def _train_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: B
     original_gens = sorted({x["attack"] for x in bundle.manifest.generators})
     return pack_arrays({}, {
         "bundle": info, "history": history, "timings": timings,
+        "patterns_refitted": patterns is not None,
         "generators": {"retrained": bool(trained), "names": trained,
                        "epochs": h["generator_epochs"], "num_train": h["generator_num_train"],
                        "original": original_gens}})
@@ -180,7 +188,9 @@ def save_hardened_bundle(bundle: Bundle, hasher: Any, cfg: HardenConfig,
                   "eps_255": round(cfg.eps * 255, 3), "config": cfg.to_dict(),
                   "history": history, "train_seconds": round(seconds, 1),
                   "audit_id": audit_id}
-    extra = {k: v for k, v in m.extra.items() if k not in ("prototype", "default_method")}
+    # generators and universal patterns belong to the parent's hasher: not carried over
+    extra = {k: v for k, v in m.extra.items()
+             if k not in ("prototype", "default_method", "patterns", "generator_recipe")}
     manifest = m.replace(
         name=folder.name, version="1", generators=[], files=[],
         created_at=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
@@ -194,6 +204,17 @@ def save_hardened_bundle(bundle: Bundle, hasher: Any, cfg: HardenConfig,
     return save_bundle(folder, manifest, hasher,
                        Gallery.from_codes(db_codes, g.labels, g.ids, g.thumbnails),
                        q, dict(bundle.splits))
+
+
+def refit_patterns(parent: Bundle, folder: Path) -> dict[str, Any]:
+    """Fit universal patterns for the hardened hasher in ``folder`` with the parent's recorded
+    pattern settings (``extra.patterns.training.config``)."""
+    from service.training.patterns import PatternConfig, fit_patterns
+
+    old = dict(parent.manifest.extra["patterns"].get("training", {}).get("config", {}))
+    names = {f.name for f in dataclasses.fields(PatternConfig)}
+    cfg = PatternConfig(**{k: v for k, v in old.items() if k in names})
+    return fit_patterns(folder, cfg, device=str(parent.device), progress=False)
 
 
 def retrain_generator(parent: Bundle, folder: Path, attack: str, epochs: int, num_train: int,
@@ -273,8 +294,11 @@ def _audit_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: st
                                           "rows": n_rows})
 
     for method in h["methods"]:
-        is_gen = issubclass(ATTACKS.get(method), GeneratorAttack)
-        borrowed = is_gen and method not in own_gens
+        cls = ATTACKS.get(method)
+        is_gen = issubclass(cls, GeneratorAttack)
+        is_pattern = not is_gen and not cls.iterative and cls.name != "worst_case"
+        borrowed = ((is_gen and method not in own_gens)
+                    or (is_pattern and not cls.available(victim.manifest)))
         source = original if borrowed else victim
         for ei, eps in enumerate(h["audit_eps"]):
             step(f"{method} at {eps * 255:.0f}/255")
@@ -285,7 +309,9 @@ def _audit_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: st
                 continue
             codes = (encode(victim.hasher, res.adversarial, device=victim.device) if borrowed
                      else res.adv_codes)
-            label = LABELS.get(method, method) + (" (original's generator)" if borrowed else "")
+            label = LABELS.get(method, method) + (
+                "" if not borrowed else " (original's pattern)" if is_pattern
+                else " (original's generator)")
             rows.append(_row(method, label, eps, codes, labels, db, db_labels, clean,
                              res.seconds, borrowed_generator=borrowed))
             if method == "pgd":

@@ -79,6 +79,15 @@ def reference_names(spec: dict[str, Any]) -> list[str]:
     return [f"pgd@{k}" for k in FRONTIER_STEPS] if spec.get("frontier") else []
 
 
+def default_methods(svc: Any) -> list[str]:
+    """What an audit naming no method runs: the bundle's default method, then ``worst_case``
+    (the ensemble that makes the report's headline) when the bundle serves it."""
+    out = [svc.default_method]
+    if "worst_case" in svc.methods() and "worst_case" not in out:
+        out.append("worst_case")
+    return out
+
+
 class AttackAudit(AuditType):
     name = "attack"
     title = "Robustness audit"
@@ -87,7 +96,8 @@ class AttackAudit(AuditType):
     request_fields = {
         "methods": (list[str] | None, Field(None, min_length=1, max_length=16,
                                             description="registered attacks (GET /models lists "
-                                            "them); default: the bundle's default generator")),
+                                            "them); default: the bundle's default method and "
+                                            "worst_case, the report's headline")),
         "eps": (float | str | list[float | str], Field(
             "8/255", description="one budget or a list for a robustness curve; 8/255 or "
             "0.0314")),
@@ -123,7 +133,7 @@ class AttackAudit(AuditType):
         from service.attacks import ATTACKS
 
         svc = inputs.svc
-        methods = raw.get("methods") or [svc.default_method]
+        methods = raw.get("methods") or default_methods(svc)
         if isinstance(methods, str):
             methods = [methods]
         seen: list[str] = []
