@@ -183,7 +183,8 @@ def test_every_option_has_help_with_its_default() -> None:
 
 def test_audit_run_defaults_to_the_api_method(tiny_store: Path, tiny_bundle,
                                               tmp_path: Path) -> None:
-    """Without --methods, `audit run` audits what POST /audit would: the bundle's default."""
+    """Without --methods, `audit run` audits what POST /audit would: the bundle's default
+    method, then worst_case (the report's headline)."""
     from service.jobs.spec import normalize_spec
     from service.serving import BundleService
 
@@ -193,4 +194,5 @@ def test_audit_run_defaults_to_the_api_method(tiny_store: Path, tiny_bundle,
     assert main(["audit", "run", "--store", str(tiny_store), "--bundle", "tiny", "--count", "4",
                  "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [a["method"] for a in report["attacks"]] == api_default == [svc.default_method]
+    assert [a["method"] for a in report["attacks"]] == api_default == [svc.default_method,
+                                                                        "worst_case"]

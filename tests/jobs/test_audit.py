@@ -98,7 +98,7 @@ def test_audit_through_redis_worker_equals_cli(stack, reference, tmp_path):
     rep = httpx.get(f"{stack.url}/audit/{audit_id}/report")
     assert rep.json() == res
     html = httpx.get(f"{stack.url}/audit/{audit_id}/report",
-                     headers={"Accept": "text/html"})
+                     headers={"Accept": "text/html"}, timeout=60)
     assert html.headers["content-type"].startswith("text/html")
     assert_report_page(html.text, res)
     assert 'data-plot="map_vs_eps"' in html.text  # two eps values: a line over eps
