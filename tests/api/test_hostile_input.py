@@ -372,4 +372,8 @@ def test_liveness_answers_while_a_large_image_decodes(stack):
     assert result["r"].status_code == 200, result["r"].text
     assert result["r"].json()["preprocess"]["received_size"] == [13_000, 13_000]
     assert answered >= 5, answered
-    assert slowest < 0.25 * result["seconds"], (slowest, result["seconds"], answered)
+    # decoded on the event loop, one probe waits ~85% of the /encode time; from the pool the
+    # slowest probe took ~2% on a busy machine, but 41% once on a quiet fast one (0.61 s of
+    # 1.50 s: the pool thread's Python steps between Pillow calls hold the GIL), so the cut is
+    # half the time, still far from what inline decoding costs
+    assert slowest < 0.5 * result["seconds"], (slowest, result["seconds"], answered)
