@@ -147,22 +147,23 @@ def _poison_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: 
                                 "recipe_epochs": setup.recipe.epochs, "bundle": saved})
 
 
-def artifact_root(ctx: JobContext, audit_id: str) -> Path:
+def artifact_root(ctx: JobContext, audit_id: str, field: str = "backdoor.save_bundles",
+                  what: str = "poisoned bundles have nowhere to go (or submit with "
+                              "backdoor.save_bundles false)") -> Path:
     """``<artifact_dir>/audits/<id>/``, created and checked writable (before any training, so a
-    misconfigured worker fails the audit at once rather than after hours of it)."""
+    misconfigured worker fails the audit at once rather than after hours of it). Errors name
+    ``field``; ``what`` says what has nowhere to go without an artifact folder."""
     if ctx.artifact_dir is None:
-        raise ConfigError("HASHAUDIT_ARTIFACT_DIR is not set; poisoned bundles have nowhere "
-                          "to go (or submit with backdoor.save_bundles false)",
-                          field="backdoor.save_bundles")
-    root = ctx.artifact_dir / "audits" / audit_id
+        raise ConfigError(f"HASHAUDIT_ARTIFACT_DIR is not set; {what}", field=field)
+    root = Path(ctx.artifact_dir) / "audits" / audit_id
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"artifact folder {root} cannot be created on {socket.gethostname()}:"
-                          f" {exc.strerror or exc}", field="backdoor.save_bundles") from None
+                          f" {exc.strerror or exc}", field=field) from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"artifact folder {root} is not writable on {socket.gethostname()}",
-                          field="backdoor.save_bundles")
+                          field=field)
     return root
 
 

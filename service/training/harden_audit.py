@@ -35,6 +35,7 @@ from service.jobs.audit_types.harden import HARDENED_CHUNK, ORIGINAL_CHUNK, TRAI
 from service.jobs.context import JobContext
 from service.retrieval.metrics import map_at_k_per_query
 from service.store.bundle import Bundle, Gallery, load_bundle, save_bundle, sha256_file
+from service.training import backdoor_audit
 from service.training.harden import HardenConfig, harden_hasher, recipe_of
 from service.training.hasher import encode
 
@@ -81,19 +82,8 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
 
 def artifact_root(ctx: JobContext, audit_id: str) -> Path:
     """``<artifact_dir>/audits/<id>/``, created and checked writable before any training."""
-    if ctx.artifact_dir is None:
-        raise ConfigError("HASHAUDIT_ARTIFACT_DIR is not set; the hardened bundle has nowhere "
-                          "to go", field="harden")
-    root = Path(ctx.artifact_dir) / "audits" / audit_id
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"artifact folder {root} cannot be created on {socket.gethostname()}:"
-                          f" {exc.strerror or exc}", field="harden") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"artifact folder {root} is not writable on {socket.gethostname()}",
-                          field="harden")
-    return root
+    return backdoor_audit.artifact_root(ctx, audit_id, field="harden",
+                                        what="the hardened bundle has nowhere to go")
 
 
 def config_of(spec: dict[str, Any]) -> HardenConfig:
