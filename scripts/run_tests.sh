@@ -12,4 +12,11 @@ if command -v redis-cli >/dev/null && ! redis-cli -h 127.0.0.1 -p 6379 ping >/de
 fi
 "$VENV/bin/ruff" check service tests benchmarks
 "$VENV/bin/lint-imports"
-exec "$VENV/bin/python" -m pytest "$@"
+# Two pytest-xdist workers, whole files each (module fixtures such as a served stack start
+# once); each worker has its own Redis DB (tests/helpers.py). HASHAUDIT_TEST_WORKERS=0 runs
+# in one process.
+WORKERS="${HASHAUDIT_TEST_WORKERS:-2}"
+if [ "$WORKERS" = "0" ]; then
+  exec "$VENV/bin/python" -m pytest "$@"
+fi
+exec "$VENV/bin/python" -m pytest -n "$WORKERS" --dist loadfile "$@"

@@ -15,6 +15,22 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(_test_threads())
 
 
+# The longest test files (about 30-100 s each on 2 cores), run first: with two xdist workers
+# taking whole files, a long file picked up last would run alone at the end.
+LONG_FILES = ("jobs/test_audit.py", "jobs/test_backdoor_audit.py", "api/test_hostile_input.py",
+              "jobs/test_harden_audit.py", "test_paper_scale.py", "jobs/test_faults.py",
+              "store/test_default_bundle.py", "training/test_backdoor.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, f in enumerate(LONG_FILES) if path.endswith("tests/" + f)),
+                    len(LONG_FILES))
+
+    items.sort(key=rank)  # stable: the order within a file is kept
+
+
 def _test_threads() -> int:
     """Torch threads of the test process: ``HASHAUDIT_TEST_THREADS``, default 1. The test
     process shares 2 cores with the servers and workers it starts, and two torch threads lose:

@@ -108,7 +108,22 @@ class ServerProcess:
         self._out.close()
 
 
-REDIS_TEST_URL = os.environ.get("HASHAUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+def _test_redis_url() -> str:
+    """The test Redis: ``HASHAUDIT_TEST_REDIS_URL``, else DB 13 on 127.0.0.1:6379, one DB per
+    pytest-xdist worker (gw0 13, gw1 14, gw2 15): modules flush their DB, so two workers
+    sharing one would wipe each other's queues."""
+    if "HASHAUDIT_TEST_REDIS_URL" in os.environ:
+        return os.environ["HASHAUDIT_TEST_REDIS_URL"]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    if index > 2:
+        raise RuntimeError("at most 3 pytest-xdist workers share the test Redis (DBs 13-15); "
+                           "set HASHAUDIT_TEST_REDIS_URL per worker for more")
+    return f"redis://127.0.0.1:6379/{13 + index}"
+
+
+REDIS_TEST_URL = _test_redis_url()
 
 
 def start_worker(env: dict[str, str], log: Path, name: str):
