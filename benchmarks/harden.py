@@ -94,8 +94,10 @@ def main() -> int:
     p.add_argument("--attack", default="pgd_center")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--eps", default="8/255")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--adv-fraction", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=None, help="default: the harden type's")
+    p.add_argument("--adv-fraction", type=float, default=None, help="default: the type's")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's / 20")
+    p.add_argument("--center-weight", type=float, default=None, help="default: the type's")
     p.add_argument("--num-train", type=int, default=None)
     p.add_argument("--queries", type=int, default=None, help="default: all 1000")
     p.add_argument("--robust-queries", type=int, default=100)
@@ -117,10 +119,12 @@ def main() -> int:
     device = pick_device(args.device)
     store = ModelStore(args.store, device, "fp32")
     svc = BundleService(store.get(args.bundle))
-    common = {"eps": args.eps, "adv_fraction": args.adv_fraction, "num_train": args.num_train,
+    common = {"eps": args.eps, "num_train": args.num_train, "lr": args.lr,
               "queries": args.queries, "robust_queries": args.robust_queries,
               "generator_epochs": args.generator_epochs,
               "generator_num_train": args.generator_num_train}
+    common.update({k: v for k, v in (("adv_fraction", args.adv_fraction),
+                                     ("center_weight", args.center_weight)) if v is not None})
     t_all = time.perf_counter()
     out: dict[str, Any] = {"machine": machine(device, "fp32"), "bundle": args.bundle}
     status, secs = run(store, svc, {"type": "harden", "seed": args.seed, "harden": {

@@ -16,8 +16,10 @@ Training starts from the parent hasher (fine-tuning, not from scratch): the memo
 recipe's loss is primed with the parent's relaxed codes of the training set, each batch
 replaces ``adv_fraction`` of its images by their adversarial versions (made in eval mode), the
 bank keeps the clean images' codes (adversarial codes never enter it), and the learning rate
-follows a cosine from ``lr`` to 0. Attacks come from ``service.attacks``
-(the same code the audits run), built on the hasher in training.
+follows a cosine from ``lr`` to 0. With ``center_weight`` > 0 (the default), CgAT's center
+term ``1 - <tanh(u_adv), c_y> / K`` also pulls each adversarial code toward its label's center
+code (the anchor of ``pgd_center``). Attacks come from ``service.attacks`` (the same code the
+audits run), built on the hasher in training.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ class HardenConfig:
     attack: str = "pgd_center"  # pgd_center, pgd, or a generator attack the bundle holds
     eps: float = 8 / 255
     steps: int = 5  # PGD steps per batch (generators: ignored)
-    epochs: int = 3
-    adv_fraction: float = 0.5  # share of each batch replaced by its adversarial version
-    lr: float | None = None  # default: half the recipe's learning rate
+    epochs: int = 1
+    adv_fraction: float = 0.25  # share of each batch replaced by its adversarial version
+    lr: float | None = None  # default: the recipe's learning rate / 20
     num_train: int | None = None  # seeded subset of the bundle's train split (None: all)
+    # CgAT's center term: weight of 1 - <tanh(u_adv), c_y>/K, pulling each adversarial code
+    # to its label's center code c_y (the parent's PrototypeNet code, else the database vote)
+    center_weight: float = 1.0
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,11 +142,12 @@ def harden_hasher(
     y_all = torch.from_numpy(np.ascontiguousarray(labels)).float()
     _prime_bank(loss_fn, hasher, x_all, y_all, dev)
     attack = training_attack(bundle, hasher, cfg)
+    centers = bundle_context(bundle) if cfg.center_weight > 0 else None
     pgd = cfg.attack in PGD_ATTACKS
     params = list(hasher.parameters())
     for p in params:
         p.requires_grad_(True)
-    lr0 = cfg.lr if cfg.lr is not None else recipe.lr / 2
+    lr0 = cfg.lr if cfg.lr is not None else recipe.lr / 20
     opt = torch.optim.Adam(params, lr=lr0, weight_decay=recipe.weight_decay)
     bs = recipe.batch_size
     steps = math.ceil(n / bs)
@@ -182,6 +188,11 @@ def harden_hasher(
                 cls = classification_loss(hasher.classifier(torch.tanh(u)), y)
                 loss = loss + recipe.cls_weight * cls
                 parts["cls"] = cls.item()
+            if centers is not None and n_adv > 0:
+                c = centers.prototype_codes(y[:n_adv])
+                center = (1.0 - (torch.tanh(u[:n_adv]) * c).mean(1)).mean()
+                loss = loss + cfg.center_weight * center
+                parts["center"] = center.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -90,7 +90,8 @@ def config_of(spec: dict[str, Any]) -> HardenConfig:
     h = spec["harden"]
     return HardenConfig(attack=h["attack"], eps=h["eps"], steps=h["steps"] or 1,
                         epochs=h["epochs"], adv_fraction=h["adv_fraction"], lr=h["lr"],
-                        num_train=h["num_train"], seed=spec["seed"])
+                        center_weight=h.get("center_weight", 0.0), num_train=h["num_train"],
+                        seed=spec["seed"])
 
 
 def _train_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Bundle,
@@ -134,16 +135,18 @@ def _train_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: B
         st.set_progress(audit_id, TRAIN_CHUNK, {"stage": "fitting universal patterns",
                                                 "epoch": cfg.epochs, "epochs": cfg.epochs})
         patterns = refit_patterns(bundle, folder)
-    trained = []
+    trained, best_epochs = [], {}
     for i, g in enumerate(h["generators"]):
         if st.stopped(audit_id):
             raise Cancelled(audit_id)
         st.set_progress(audit_id, TRAIN_CHUNK, {
             "stage": f"re-training generator {g} ({i + 1}/{len(h['generators'])})",
             "epoch": cfg.epochs, "epochs": cfg.epochs})
-        retrain_generator(bundle, folder, g, h["generator_epochs"], h["generator_num_train"],
-                          spec["seed"])
+        entry = retrain_generator(bundle, folder, g, h["generator_epochs"],
+                                  h["generator_num_train"], spec["seed"])
         trained.append(g)
+        # 0: no epoch beat the start, which for a residual generator is its base pattern
+        best_epochs[g] = (entry.get("training", {}).get("validation") or {}).get("best_epoch")
     timings["generators_s"] = time.perf_counter() - t1
     version = load_bundle(folder).manifest.version
     info = {"name": name, "path": str(folder), "host": socket.gethostname(),
@@ -153,6 +156,7 @@ def _train_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: B
         "bundle": info, "history": history, "timings": timings,
         "patterns_refitted": patterns is not None,
         "generators": {"retrained": bool(trained), "names": trained,
+                       "best_epochs": best_epochs,
                        "epochs": h["generator_epochs"], "num_train": h["generator_num_train"],
                        "original": original_gens}})
 

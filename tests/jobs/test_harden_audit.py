@@ -120,6 +120,8 @@ def test_harden_audit_on_a_worker(stack, tiny_bundle, tmp_path):
     ({"robust_queries": 101}, "harden.robust_queries"),  # tiny has 100 queries
     ({"queries": 0}, "harden.queries"),
     ({"robust_eps": "1/255"}, "harden.robust_eps"),
+    ({"center_weight": -1}, "harden.center_weight"),
+    ({"center_weight": 1000}, "harden.center_weight"),
 ])
 def test_bad_harden_requests_are_422(stack, harden, field):
     r = httpx.post(f"{stack.url}/audit", json={"type": "harden", "model": "tiny",
@@ -145,3 +147,21 @@ def test_bundle_without_training_data_is_refused(tiny_bundle):
     with pytest.raises(BadInput) as exc:
         normalize_spec(BundleService(bare), {"type": "harden", "harden": {}}, max_queries=100)
     assert exc.value.field == "model" and "training data" in exc.value.message
+
+
+def test_total_training_work_is_capped(tiny_bundle, monkeypatch):
+    """epochs x training images is checked against the per-job cap before anything is queued
+    (the tiny bundle's 1,000 training images need a lower cap to reach it)."""
+    from service.errors import BadInput
+    from service.jobs.audit_types import harden
+    from service.jobs.spec import normalize_spec
+    from service.serving import BundleService
+
+    monkeypatch.setattr(harden, "TRAIN_IMAGES_MAX", 5000)
+    svc = BundleService(tiny_bundle)
+    spec = normalize_spec(svc, {"type": "harden", "harden": {"epochs": 5}}, max_queries=100)
+    assert spec["harden"]["train_images"] * 5 <= 5000
+    assert spec["harden"]["center_weight"] == harden.DEFAULT_CENTER_WEIGHT
+    with pytest.raises(BadInput) as exc:
+        normalize_spec(svc, {"type": "harden", "harden": {"epochs": 6}}, max_queries=100)
+    assert exc.value.field == "harden.epochs" and "at most 5000" in exc.value.message

@@ -53,9 +53,15 @@ EPOCHS_MAX = 1000
 STEPS_MAX = 1000
 RESTARTS_MAX = 20
 MAX_EPS_VALUES = 8
-DEFAULT_EPOCHS = 3
+# Defaults from the sweep on the default bundle (README "Harden"): one epoch, a quarter of
+# each batch adversarial, the recipe's learning rate / 20, CgAT's center term at weight 1.
+DEFAULT_EPOCHS = 1
 DEFAULT_STEPS = 5
-DEFAULT_ADV_FRACTION = 0.5
+DEFAULT_ADV_FRACTION = 0.25
+DEFAULT_CENTER_WEIGHT = 1.0
+CENTER_WEIGHT_MAX = 100.0
+# epochs x training images: the total work a request may ask for (100 epochs of 50,000)
+TRAIN_IMAGES_MAX = 5_000_000
 DEFAULT_ROBUST_QUERIES = 250
 DEFAULT_RESTARTS = 5
 ROBUST_STEPS = 100
@@ -75,8 +81,11 @@ class HardenSpec(BaseModel):
                                f"default {DEFAULT_EPOCHS})")
     adv_fraction: float = Field(DEFAULT_ADV_FRACTION, description="share of each training "
                                 "batch replaced by its adversarial version (0 .. 1)")
-    lr: float | None = Field(None, description="fine-tuning learning rate (default: half the "
-                             "recipe's), cosine to 0")
+    lr: float | None = Field(None, description="fine-tuning learning rate (default: the "
+                             "recipe's / 20), cosine to 0")
+    center_weight: float = Field(DEFAULT_CENTER_WEIGHT, description="weight of CgAT's center "
+                                 "term pulling adversarial codes to their label's center code "
+                                 f"(0 .. {CENTER_WEIGHT_MAX:g}; 0 = off)")
     num_train: int | None = Field(None, description="seeded subset of the bundle's train "
                                   "split (default: all of it)")
     audit_eps: float | str | list[float | str] = Field(
@@ -190,6 +199,8 @@ class HardenAudit(AuditType):
                          "harden.adv_fraction", lo_open=True)
         lr = h.get("lr")
         lr = None if lr is None else _float_in(lr, 0.0, LR_MAX, "harden.lr", lo_open=True)
+        center_w = _float_in(h.get("center_weight", DEFAULT_CENTER_WEIGHT), 0.0,
+                             CENTER_WEIGHT_MAX, "harden.center_weight")
         try:
             recipe = m.training["config"]["hasher"]
         except (KeyError, TypeError):
@@ -203,6 +214,12 @@ class HardenAudit(AuditType):
         num_train = h.get("num_train")
         if num_train is not None:
             num_train = int_in(num_train, 10, COUNT_MAX, "harden.num_train")
+        train_images = min(num_train or n_train, n_train)
+        if epochs * train_images > TRAIN_IMAGES_MAX:
+            raise BadInput(f"harden.epochs: {epochs} epochs of {train_images} images is "
+                           f"{epochs * train_images} training images; at most "
+                           f"{TRAIN_IMAGES_MAX} per job (fewer epochs or harden.num_train)",
+                           field="harden.epochs")
         audit_eps = _eps_list(svc, h.get("audit_eps", list(DEFAULT_AUDIT_EPS)),
                               "harden.audit_eps")
         total = len(bundle.queries)
@@ -242,8 +259,8 @@ class HardenAudit(AuditType):
             "harden": {
                 "attack": attack, "steps": steps if attack in PGD_ATTACKS else None,
                 "eps": eps[0], "epochs": epochs, "adv_fraction": frac, "lr": lr,
-                "num_train": num_train,
-                "train_images": min(num_train or n_train, n_train),
+                "center_weight": center_w, "num_train": num_train,
+                "train_images": train_images,
                 "recipe_loss": recipe.get("loss"),
                 "audit_eps": audit_eps, "methods": methods,
                 "queries": {"count": count, "seed": seed, "total": total},
@@ -365,9 +382,13 @@ class HardenAudit(AuditType):
         b.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                        help=f"fine-tuning epochs (default {DEFAULT_EPOCHS})")
         b.add_argument("--adv-fraction", type=float, default=DEFAULT_ADV_FRACTION,
-                       help="share of each batch made adversarial (default 0.5)")
+                       help=f"share of each batch made adversarial (default "
+                            f"{DEFAULT_ADV_FRACTION})")
         b.add_argument("--lr", type=float, default=None,
-                       help="learning rate (default: half the recipe's)")
+                       help="learning rate (default: the recipe's / 20)")
+        b.add_argument("--center-weight", type=float, default=DEFAULT_CENTER_WEIGHT,
+                       help=f"weight of CgAT's center term, 0 = off (default "
+                            f"{DEFAULT_CENTER_WEIGHT:g})")
         b.add_argument("--num-train", type=int, default=None,
                        help="seeded subset of the train split (default: all)")
         b.add_argument("--audit-eps", nargs="+", default=list(DEFAULT_AUDIT_EPS),
@@ -400,7 +421,8 @@ class HardenAudit(AuditType):
     def cli_request(self, args: argparse.Namespace) -> dict[str, Any]:
         return {"type": "harden", "seed": args.seed, "harden": {
             "attack": args.attack, "steps": args.steps, "eps": args.eps, "epochs": args.epochs,
-            "adv_fraction": args.adv_fraction, "lr": args.lr, "num_train": args.num_train,
+            "adv_fraction": args.adv_fraction, "lr": args.lr,
+            "center_weight": args.center_weight, "num_train": args.num_train,
             "audit_eps": args.audit_eps, "queries": args.queries,
             "robust_queries": args.robust_queries, "robust_eps": args.robust_eps,
             "restarts": args.restarts, "retrain_generators": args.retrain,
@@ -505,7 +527,8 @@ def report_body(audit_id: str, r: dict[str, Any], json_href: str) -> str:
              provenance(audit_id, r, f"training attack {html.escape(h['attack'])} at "
                         f"{h['eps'] * 255:.0f}/255 · {h['epochs']} epochs on "
                         f"{h['train_images']} images, {h['adv_fraction']:.0%} of each batch "
-                        f"adversarial · {r['queries']['count']} queries")]
+                        f"adversarial, center term weight {h.get('center_weight', 0.0):g} · "
+                        f"{r['queries']['count']} queries")]
     link = (f"<a href='/audit/{audit_id}/bundles/{html.escape(b['name'])}'>"
             f"{html.escape(b['name'])}</a>")
     parts.append(f"<p>Hardened bundle: {link} (sha <code>{b['sha'][:16]}…</code>, parent "
@@ -518,6 +541,12 @@ def report_body(audit_id: str, r: dict[str, Any], json_href: str) -> str:
                      f"{gens['epochs']} epochs on {gens['num_train']} images each): "
                      f"{html.escape(', '.join(gens['names']))}. Their rows on the hardened "
                      "model use these.</p>")
+        kept = [g for g, e in (gens.get("best_epochs") or {}).items() if e == 0]
+        if kept:
+            parts.append("<p class='meta'>No training epoch of "
+                         f"{html.escape(', '.join(kept))} beat its starting point on the "
+                         "validation split, so each kept its start: a residual generator "
+                         "then equals its base universal pattern (same figures).</p>")
     elif gens["original"]:
         parts.append("<p class='meta'><b>Generators were not re-trained</b>: rows marked "
                      "“original's generator” apply the original bundle's generators (trained "
