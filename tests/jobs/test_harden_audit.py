@@ -165,3 +165,37 @@ def test_total_training_work_is_capped(tiny_bundle, monkeypatch):
     with pytest.raises(BadInput) as exc:
         normalize_spec(svc, {"type": "harden", "harden": {"epochs": 6}}, max_queries=100)
     assert exc.value.field == "harden.epochs" and "at most 5000" in exc.value.message
+
+
+def test_harden_cli_runs_the_job_in_process(tiny_store, tmp_path):
+    """`hashaudit audit harden` runs the same task code without a server: the options reach
+    the job (center weight, no generator re-training), the report and the bundle are written;
+    a bad option value exits 2 naming its field."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    base = [sys.executable, "-m", "service.cli", "audit", "harden", "--bundle", "tiny",
+            "--store", str(tiny_store), "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HASHAUDIT_REDIS_URL", None)
+    out = tmp_path / "out"
+    r = subprocess.run([*base, "--epochs", "1", "--num-train", "100", "--steps", "1",
+                        "--center-weight", "0.5", "--queries", "20", "--audit-eps", "8/255",
+                        "--robust-queries", "5", "--restarts", "1", "--no-retrain-generators",
+                        "--artifacts", str(tmp_path / "art"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    res = rep.get("result", rep)
+    assert res["settings"]["center_weight"] == 0.5 and res["settings"]["epochs"] == 1
+    assert not res["generators"]["retrained"]
+    assert any(x.get("borrowed_generator") for x in res["rows"])  # said, not hidden
+    assert "center term weight 0.5" in (out / "report.html").read_text()
+    assert len(list((tmp_path / "art" / "audits").glob("*/tiny-hardened-*"))) == 1
+    r = subprocess.run([*base, "--center-weight", "-2"], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 2 and "harden.center_weight" in r.stderr, r.stderr[-2000:]
