@@ -6,9 +6,10 @@ Plan (three chunks; the chunk code lives in ``service.training.harden_audit``, n
 
 * ``harden|train``: fine-tune a copy of the hasher with adversarial batches (ATRDH / CgAT:
   ``pgd_center``, ``pgd``, or one of the bundle's generators for cheap "fast" adversarial
-  training) and the recipe's hashing loss; freeze it under the artifact folder as a bundle
-  flagged ``extra.hardened`` (parent sha, recipe, attack, eps); re-train its generators
-  against the hardened hasher (option; default on when the bundle has untargeted ones).
+  training), the recipe's hashing loss and CgAT's center term; freeze it under the artifact
+  folder as a bundle flagged ``extra.hardened`` (parent sha, recipe, attack, eps); re-train
+  its generators against the hardened hasher (option; default on when the bundle has
+  untargeted ones).
 * ``harden|original``: re-audit the original model: clean figures, every untargeted method
   it serves at every eps (PGD-20 is ``pgd``), PGD-100 with random restarts (worst restart per
   query) on a subset, and the PGD-20 adversarial queries kept for the transfer row. It does
