@@ -7,12 +7,15 @@ lives apart from the queue and the tasks so that neither needs the other to find
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.config import Settings, get_settings
+from service.errors import ConfigError
 from service.jobs.audit_store import AuditStore
 from service.jobs.kv import MemoryKV
 
@@ -24,7 +27,25 @@ class JobContext:
     models: Any  # service.store.ModelStore
     audits: AuditStore
     max_pixels: int = 4096 * 4096
-    artifact_dir: Path | None = None  # where backdoor audits write their poisoned bundles
+    artifact_dir: Path | None = None  # where audits write the bundles they make
+
+    def artifact_root(self, audit_id: str, field: str, what: str) -> Path:
+        """``<artifact_dir>/audits/<id>/``, created and checked writable (before any training,
+        so a misconfigured worker fails the audit at once rather than after hours of it).
+        Errors name ``field``; ``what`` says what has nowhere to go without the folder."""
+        if self.artifact_dir is None:
+            raise ConfigError(f"HASHAUDIT_ARTIFACT_DIR is not set; {what}", field=field)
+        root = Path(self.artifact_dir) / "audits" / audit_id
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"artifact folder {root} cannot be created on "
+                              f"{socket.gethostname()}: {exc.strerror or exc}",
+                              field=field) from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"artifact folder {root} is not writable on "
+                              f"{socket.gethostname()}", field=field)
+        return root
 
 
 _ctx: JobContext | None = None

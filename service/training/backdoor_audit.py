@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -147,24 +146,10 @@ def _poison_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: 
                                 "recipe_epochs": setup.recipe.epochs, "bundle": saved})
 
 
-def artifact_root(ctx: JobContext, audit_id: str, field: str = "backdoor.save_bundles",
-                  what: str = "poisoned bundles have nowhere to go (or submit with "
-                              "backdoor.save_bundles false)") -> Path:
-    """``<artifact_dir>/audits/<id>/``, created and checked writable (before any training, so a
-    misconfigured worker fails the audit at once rather than after hours of it). Errors name
-    ``field``; ``what`` says what has nowhere to go without an artifact folder."""
-    if ctx.artifact_dir is None:
-        raise ConfigError(f"HASHAUDIT_ARTIFACT_DIR is not set; {what}", field=field)
-    root = Path(ctx.artifact_dir) / "audits" / audit_id
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"artifact folder {root} cannot be created on {socket.gethostname()}:"
-                          f" {exc.strerror or exc}", field=field) from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise ConfigError(f"artifact folder {root} is not writable on {socket.gethostname()}",
-                          field=field)
-    return root
+def artifact_root(ctx: JobContext, audit_id: str) -> Path:
+    """``<artifact_dir>/audits/<id>/`` for the poisoned bundles (``JobContext.artifact_root``)."""
+    return ctx.artifact_root(audit_id, "backdoor.save_bundles", "poisoned bundles have nowhere "
+                             "to go (or submit with backdoor.save_bundles false)")
 
 
 def _save(ctx: JobContext, audit_id: str, spec: dict[str, Any], bundle: Any, setup: Any,

@@ -26,6 +26,7 @@ import service
 from service.attacks import ATTACKS
 from service.attacks.generator_attack import GeneratorAttack
 from service.attacks.runner import attack_batch
+from service.attacks.universal import PatternAttack
 from service.data.sources import materialize
 from service.errors import AttackInputError, ConfigError
 from service.evaluation import protocol_record, retrieval_figures
@@ -35,7 +36,6 @@ from service.jobs.audit_types.harden import HARDENED_CHUNK, ORIGINAL_CHUNK, TRAI
 from service.jobs.context import JobContext
 from service.retrieval.metrics import map_at_k_per_query
 from service.store.bundle import Bundle, Gallery, load_bundle, save_bundle, sha256_file
-from service.training import backdoor_audit
 from service.training.harden import HardenConfig, harden_hasher, recipe_of
 from service.training.hasher import encode
 
@@ -82,8 +82,7 @@ def compute_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: s
 
 def artifact_root(ctx: JobContext, audit_id: str) -> Path:
     """``<artifact_dir>/audits/<id>/``, created and checked writable before any training."""
-    return backdoor_audit.artifact_root(ctx, audit_id, field="harden",
-                                        what="the hardened bundle has nowhere to go")
+    return ctx.artifact_root(audit_id, "harden", "the hardened bundle has nowhere to go")
 
 
 def config_of(spec: dict[str, Any]) -> HardenConfig:
@@ -290,7 +289,7 @@ def _audit_chunk(ctx: JobContext, audit_id: str, spec: dict[str, Any], chunk: st
     for method in h["methods"]:
         cls = ATTACKS.get(method)
         is_gen = issubclass(cls, GeneratorAttack)
-        is_pattern = not is_gen and not cls.iterative and cls.name != "worst_case"
+        is_pattern = issubclass(cls, PatternAttack)
         borrowed = ((is_gen and method not in own_gens)
                     or (is_pattern and not cls.available(victim.manifest)))
         source = original if borrowed else victim

@@ -38,12 +38,11 @@ async def _decode(state: AppState, svc: BundleService, image: UploadFile) -> Que
     must keep answering (``/health/live``) meanwhile."""
     data = await image.read()
     max_pixels = state.settings.max_pixels
-    if len(data) <= INLINE_DECODE_BYTES:
-        claimed = header_size(data, sniff_image(data))
-        if claimed is not None and claimed[0] * claimed[1] <= INLINE_DECODE_PIXELS:
-            pixels, info = decode_upload(data, svc.transform, max_pixels)
-            return Query(image=pixels, preprocess=info)
-    pixels, info = await run_in_threadpool(decode_upload, data, svc.transform, max_pixels)
+    claimed = header_size(data, sniff_image(data)) if len(data) <= INLINE_DECODE_BYTES else None
+    if claimed is not None and claimed[0] * claimed[1] <= INLINE_DECODE_PIXELS:
+        pixels, info = decode_upload(data, svc.transform, max_pixels)
+    else:
+        pixels, info = await run_in_threadpool(decode_upload, data, svc.transform, max_pixels)
     return Query(image=pixels, preprocess=info)
 
 
